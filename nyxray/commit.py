@@ -1,0 +1,209 @@
+"""The output protocol: claim a location, record finished shards, commit last, resume, verify.
+
+An output location holds, while a run is under way, ``.nyxray/state.json`` (which plan owns it)
+and one ``.nyxray/shards/<shard>.json`` per finished shard (size and sha256). Shards are written
+atomically under their final names. ``config.json``, tokenizer files, the model card and the index
+follow, and ``nyxray-manifest.json`` is written last: it is the commit marker. An output without it
+is incomplete. Re-running the same plan reuses every shard whose bytes still match its record.
+A location holding anything else is refused unless ``overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .errors import OutputError, StorageError
+from .graph import Cast, Expr, Leaf, Slerp
+from .plan import StagePlan
+from .storage import Location
+
+MANIFEST = "nyxray-manifest.json"
+STATE_DIR = ".nyxray"
+STATE = f"{STATE_DIR}/state.json"
+INDEX = "model.safetensors.index.json"
+
+
+def _sig(e: Expr) -> str:
+    if isinstance(e, Leaf):
+        return f"L({e.loc.display}/{e.file}:{e.start}-{e.end}:{e.dtype})"
+    if isinstance(e, Cast):
+        return f"C({_sig(e.child)},{e.dtype})"
+    if isinstance(e, Slerp):
+        return f"S({_sig(e.a)},{_sig(e.b)},{e.t!r},{e.dtype})"
+    raise TypeError(type(e).__name__)
+
+
+def plan_id(stage: StagePlan) -> str:
+    """A fingerprint of exactly what a stage writes: shard headers and every tensor's expression."""
+    h = hashlib.sha256(f"nyxray-plan-v1\n{stage.recipe.sha256}\n".encode())
+    for shard in stage.shards:
+        h.update(shard.name.encode() + shard.header)
+        for t in shard.tensors:
+            h.update(f"{t.name}={_sig(t.expr)}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Claim:
+    """The result of claiming an output location for a plan."""
+
+    complete: bool  # a committed manifest of this very plan is already there
+    records: dict[str, dict]  # shard name -> {"size", "sha256", "tensors"} of shards already written
+
+
+def _json(loc: Location, name: str) -> Any:
+    try:
+        return json.loads(loc.read(name))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _ours(name: str) -> bool:
+    return name in (MANIFEST, INDEX, STATE_DIR) or (name.startswith("model") and name.endswith(".safetensors"))
+
+
+def claim(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
+    """Check ``out`` may receive this plan's model and record that it does (writes state.json).
+
+    Refuses a location holding a different model or files nyxray did not write, unless
+    ``overwrite``; with it, stale nyxray files of an older plan are removed first.
+    """
+    pid = plan_id(stage)
+    files = out.listdir()
+    foreign = [f for f in files if not _ours(f) and not f.startswith(".")]
+    if MANIFEST in files:
+        manifest = _json(out, MANIFEST) or {}
+        if manifest.get("plan_id") == pid:
+            records = {s["name"]: s for s in manifest.get("shards", [])}
+            return Claim(True, records)
+        if not overwrite:
+            raise OutputError(f"{out.display} already holds a complete model from a different recipe or plan; pass --overwrite to replace it, or choose another output")
+    elif STATE_DIR in files:
+        state = _json(out, STATE) or {}
+        if state.get("plan_id") != pid and not overwrite:
+            raise OutputError(f"{out.display} holds an unfinished merge of a different recipe or plan; pass --overwrite to replace it, or choose another output")
+    elif files and not overwrite:
+        shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "")
+        raise OutputError(f"{out.display} is not empty ({shown}) and was not written by nyxray; pass --overwrite to write into it anyway")
+    if overwrite:
+        planned = {s.name for s in stage.shards}
+        for f in files:
+            if f == MANIFEST or (f.endswith(".safetensors") and f.startswith("model") and f not in planned):
+                out.delete(f)
+    records = {}
+    state = _json(out, STATE) if STATE_DIR in files else None
+    if state and state.get("plan_id") == pid:
+        for name in out.listdir(f"{STATE_DIR}/shards"):
+            rec = _json(out, f"{STATE_DIR}/shards/{name}")
+            if rec:
+                records[rec["name"]] = rec
+    out.makedirs()
+    out.write_atomic(STATE, json.dumps({"plan_id": pid, "nyxray_version": __version__, "recipe_sha256": stage.recipe.sha256}).encode())
+    return Claim(False, records)
+
+
+def record_shard(out: Location, name: str, size: int, sha256: str, tensors: dict[str, str]) -> None:
+    """Remember a finished shard so a resumed run can reuse it after checking its bytes."""
+    rec = {"name": name, "size": size, "sha256": sha256, "tensors": tensors}
+    out.write_atomic(f"{STATE_DIR}/shards/{name}.json", json.dumps(rec).encode())
+
+
+def model_card(stage: StagePlan, out_name: str, pipeline_text: str) -> str:
+    refs = [m for m in stage.recipe.model_refs()]
+    hub = [r.split("@")[0] for r in refs if "://" not in r and not r.startswith(("/", "~", ".")) and r.count("/") == 1]
+    front = yaml.safe_dump({"base_model": hub, "library_name": "transformers", "tags": ["mergekit", "merge", "nyxray"]}, sort_keys=True)
+    method = stage.recipe.merge_method
+    base = f" using {stage.recipe.base_model} as a base" if stage.recipe.base_model and method != "slerp" else ""
+    lines = [
+        f"---\n{front}---\n# {out_name}\n",
+        "This is a merge of pre-trained language models created with [nyxray](https://pypi.org/project/nyxray/), "
+        "which reads and writes [mergekit](https://github.com/arcee-ai/mergekit) recipes.\n",
+        "## Merge Details\n### Merge Method\n",
+        f"This model was merged using the {method} merge method{base}.\n",
+        "### Models Merged\n\nThe following models were included in the merge:\n",
+        *[f"* {r}" for r in refs],
+        "\n### Configuration\n\nThe following YAML configuration was used to produce this model:\n",
+        f"```yaml\n{pipeline_text.rstrip()}\n```\n",
+    ]
+    return "\n".join(lines)
+
+
+def finalize(out: Location, stage: StagePlan, shards: dict[str, dict], pipeline_text: str, copy_tokenizer: bool = True, write_model_card: bool = True) -> dict:
+    """Write config, tokenizer, card and index, then the manifest (the commit marker)."""
+    out.write_atomic("config.json", (json.dumps(stage.config, indent=2) + "\n").encode())
+    copied = []
+    src = stage.tokenizer_from
+    if copy_tokenizer and src.files_loc is not None:
+        has_tok = "tokenizer_config.json" in src.extra_files and ({"tokenizer.json", "tokenizer.model"} & set(src.extra_files))
+        for f in src.extra_files if has_tok else [f for f in src.extra_files if f == "generation_config.json"]:
+            out.write_atomic(f, src.files_loc.read(f))
+            copied.append(f)
+    if write_model_card:
+        name = out.display.rstrip("/").rsplit("/", 1)[-1]
+        out.write_atomic("README.md", model_card(stage, name, pipeline_text).encode())
+        out.write_atomic("mergekit_config.yml", pipeline_text.encode())
+    if len(stage.shards) > 1:
+        weight_map = {t.name: s.name for s in stage.shards for t in s.tensors}
+        index = {"metadata": {"total_size": sum(s.data_bytes for s in stage.shards), "nyxray_version": __version__}, "weight_map": weight_map}
+        out.write_atomic(INDEX, json.dumps(index, indent=2).encode())
+    manifest = {
+        "format": "nyxray-manifest/1",
+        "nyxray_version": __version__,
+        "plan_id": plan_id(stage),
+        "recipe_sha256": stage.recipe.sha256,
+        "shards": [dict(shards[s.name], name=s.name) for s in stage.shards],
+        "files": sorted(["config.json", *copied] + (["README.md", "mergekit_config.yml"] if write_model_card else []) + ([INDEX] if len(stage.shards) > 1 else [])),
+    }
+    out.write_atomic(MANIFEST, json.dumps(manifest, indent=2).encode())
+    out.delete_tree(STATE_DIR)
+    return manifest
+
+
+def verify(out: Location) -> list[str]:
+    """Check a committed output against its manifest; returns the problems found (empty = good)."""
+    from .safetensors_io import header_length, parse_header
+
+    try:
+        manifest = json.loads(out.read(MANIFEST))
+    except StorageError:
+        return [f"{out.display}: no {MANIFEST}: the output is incomplete or was not written by nyxray"]
+    except ValueError:
+        return [f"{out.url(MANIFEST)}: not valid JSON"]
+    problems = []
+    names = set()
+    for rec in manifest.get("shards", []):
+        name = rec["name"]
+        names.add(name)
+        url = out.url(name)
+        try:
+            data = out.read(name)
+        except StorageError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        if len(data) != rec["size"]:
+            problems.append(f"{name}: size {len(data)} != {rec['size']} in the manifest")
+            continue
+        if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+            problems.append(f"{name}: sha256 does not match the manifest (corrupted)")
+        try:
+            n = header_length(data[:8], url, len(data))
+            tensors, _ = parse_header(data[8 : 8 + n], url, len(data))
+        except Exception as e:  # noqa: BLE001 - any header fault is a verification failure
+            problems.append(f"{name}: {e}")
+            continue
+        if set(tensors) != set(rec.get("tensors", {})):
+            problems.append(f"{name}: header tensors differ from the manifest")
+    if INDEX in manifest.get("files", []):
+        index = _json(out, INDEX) or {}
+        if set(index.get("weight_map", {}).values()) != names:
+            problems.append(f"{INDEX}: weight_map names shards {sorted(set(index.get('weight_map', {}).values()))}, manifest has {sorted(names)}")
+    for f in manifest.get("files", []):
+        if not out.exists(f):
+            problems.append(f"{f}: listed in the manifest but missing")
+    return problems

@@ -1,0 +1,25 @@
+"""Run work units in this process, one after another: tests, debugging, tiny merges."""
+
+from __future__ import annotations
+
+import platform
+from typing import Callable
+
+from ..ops import resolve_device
+from .progress import Progress
+from .unit import Unit, UnitResult, run_unit
+
+
+def execute(units: list[Unit], device: str, progress: Progress, on_result: Callable[[Unit, UnitResult], None]) -> list[dict]:
+    """Run every unit here; returns the per-worker summary (one worker)."""
+    dev = resolve_device(device)
+    worker = {"actor": 0, "node_id": platform.node(), "device": dev, "units": 0, "bytes_read": 0, "bytes_written": 0, "busy_s": 0.0}
+    for unit in units:
+        result = run_unit(unit, dev, lambda r, w: progress.add(r, w))
+        progress.add(units=1)
+        for k in ("bytes_read", "bytes_written", "busy_s"):
+            worker[k] += getattr(result, k)
+        worker["units"] += 1
+        result.worker = {"actor": 0, "node_id": worker["node_id"], "device": dev}
+        on_result(unit, result)
+    return [worker]

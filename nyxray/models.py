@@ -1,0 +1,167 @@
+"""Model references -> locations -> what a model holds, from its config, index and shard headers.
+
+Resolution order for a reference: an explicit ``--model NAME=URL`` mapping; a URL; the
+``--models-root`` mirror (``ROOT/org/name``); an existing local path; a Hugging Face repo id
+(``org/name`` or ``org/name@revision``: the local hub cache when offline, ``hf://`` otherwise).
+Only metadata is read here: ``config.json``, the shard index and each shard's header (two ranged
+reads per shard). Pickle checkpoints are refused: loading them can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .architecture import Architecture, architecture_of
+from .errors import ModelError, StorageError
+from .graph import Expr, Leaf
+from .safetensors_io import header_length, parse_header
+from .storage import Location, location
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+TOKENIZER_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "generation_config.json",
+    "chat_template.json",
+)
+
+
+@dataclass
+class Resolver:
+    """How model references become locations (``--model``, ``--models-root``, storage options)."""
+
+    mapping: dict[str, str] = field(default_factory=dict)
+    models_root: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def locate(self, ref: str) -> Location:
+        if ref in self.mapping:
+            return location(self.mapping[ref], self.storage_options)
+        if "://" in ref:
+            return location(ref, self.storage_options)
+        if self.models_root and not os.path.isabs(ref):
+            return location(f"{self.models_root.rstrip('/')}/{ref.split('@')[0]}", self.storage_options)
+        local = os.path.expanduser(ref)
+        if os.path.exists(local):
+            return location(local)
+        if HF_REPO.match(ref):
+            return _huggingface(ref)
+        raise ModelError(f"model {ref!r}: not found (no --model mapping, not a URL, not an existing path, not a Hugging Face repo id)")
+
+
+def _huggingface(ref: str) -> Location:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, _, revision = ref.partition("@")
+    if constants.HF_HUB_OFFLINE:
+        try:
+            path = snapshot_download(repo, revision=revision or None, local_files_only=True)
+        except (LocalEntryNotFoundError, HfHubHTTPError, ValueError, OSError) as e:
+            raise ModelError(f"model {ref!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set ({type(e).__name__})") from None
+        return location(path)
+    loc = location(f"hf://{repo}@{revision}" if revision else f"hf://{repo}")
+    loc.display = f"hf://{ref}"
+    return loc
+
+
+@dataclass
+class Model:
+    """An input model as the planner sees it: config, architecture and tensor expressions.
+
+    For a source model each tensor is a :class:`Leaf`; for a pipeline stage it is whatever the
+    stage computes. ``loc`` is None for stages (they have no files unless written).
+    """
+
+    ref: str
+    config: dict
+    arch: Architecture
+    tensors: dict[str, Expr]
+    loc: Location | None = None
+    header_bytes: int = 0
+    extra_files: tuple[str, ...] = ()  # tokenizer and generation files present
+    files_loc: Location | None = None  # where extra_files are (a stage: its donor's location)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config[self.arch.layers_key])
+
+
+def _read_json(loc: Location, name: str, ref: str) -> Any:
+    try:
+        raw = loc.read(name)
+    except StorageError as e:
+        raise ModelError(f"model {ref!r}: cannot read {name}: {e}") from None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"model {ref!r}: {loc.url(name)} is not valid JSON ({e})") from None
+
+
+def _safe_file_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".safetensors"):
+        raise ModelError(f"{where}: shard file name {name!r} is not a plain .safetensors file name")
+    return name
+
+
+def load_model(ref: str, loc: Location, allow_pickle: bool = False) -> Model:
+    """Read a model's config, index and shard headers (no tensor data)."""
+    files = loc.listdir()
+    if not files:
+        raise ModelError(f"model {ref!r}: {loc.display} does not exist or is empty")
+    if "config.json" not in files:
+        raise ModelError(f"model {ref!r}: {loc.display} has no config.json")
+    config = _read_json(loc, "config.json", ref)
+    if not isinstance(config, dict):
+        raise ModelError(f"model {ref!r}: {loc.url('config.json')} is not a JSON object")
+    arch = architecture_of(config, f"model {ref!r}")
+    if INDEX in files:
+        index = _read_json(loc, INDEX, ref)
+        wmap = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise ModelError(f"model {ref!r}: {loc.url(INDEX)} has no weight_map")
+        where = f"model {ref!r}: {loc.url(INDEX)}"
+        shard_names = sorted({_safe_file_name(v, where) for v in wmap.values()})
+    elif SINGLE in files:
+        wmap, shard_names = None, [SINGLE]
+    else:
+        pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        if pickles:
+            raise ModelError(
+                f"model {ref!r}: only pickle checkpoints ({', '.join(pickles[:3])}); nyxray refuses them because loading a pickle can run code. "
+                "Convert the model to safetensors first."
+            )
+        raise ModelError(f"model {ref!r}: {loc.display} has no model.safetensors or {INDEX}")
+    missing = [s for s in shard_names if s not in files]
+    if missing:
+        raise ModelError(f"model {ref!r}: the index names shard(s) that do not exist: {', '.join(missing)}")
+
+    def header(shard: str) -> tuple[str, dict, int]:
+        size = loc.size(shard)
+        url = loc.url(shard)
+        n = header_length(loc.read_range(shard, 0, min(8, size)), url, size)
+        tensors, _ = parse_header(loc.read_range(shard, 8, 8 + n), url, size)
+        return shard, tensors, 8 + n
+
+    with ThreadPoolExecutor(max_workers=min(16, len(shard_names))) as pool:
+        headers = list(pool.map(header, shard_names))
+    tensors: dict[str, Expr] = {}
+    header_bytes = 0
+    for shard, infos, hb in headers:
+        header_bytes += hb
+        for name, info in infos.items():
+            if wmap is not None and wmap.get(name) != shard:
+                continue  # the index is authoritative about which shard holds a tensor
+            tensors[name] = Leaf(loc, shard, info.start, info.end, info.dtype, info.shape, ref, name)
+    if wmap is not None:
+        absent = [n for n in wmap if n not in tensors]
+        if absent:
+            raise ModelError(f"model {ref!r}: the index lists {absent[0]!r} in {wmap[absent[0]]}, but that shard's header lacks it")
+    extra = tuple(f for f in TOKENIZER_FILES if f in files)
+    return Model(ref, config, arch, tensors, loc, header_bytes, extra, loc)

@@ -1,0 +1,425 @@
+"""Recipe + model headers -> the whole merge plan, before any tensor byte moves.
+
+For each stage of a pipeline (a single recipe is a one-stage pipeline) the planner decides every
+output tensor: its name, shape, dtype, the expression that computes it (with ``t`` resolved) and
+where it goes in the output shards. Stages that use an earlier stage's output see that stage's
+expressions, so the final model is computed straight from the sources (fusion). Every recipe and
+model error is raised here, naming the recipe key path.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+from .errors import ModelError, NyxrayError, RecipeError, did_you_mean
+from .graph import Expr, Leaf, Slerp, cast, leaves, nbytes_of, shape_of
+from .models import Model, Resolver, load_model
+from .parameters import filter_matches, resolve
+from .recipe import RECIPE_DTYPES, Recipe, Slice, Source
+from .safetensors_io import ShardEntry, build_header
+
+SHARD_METADATA = {"format": "pt"}
+
+
+def parse_size(value: str | int) -> int:
+    """mergekit's ``--out-shard-size``: an integer with an optional decimal K/M/B suffix."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(-?\d+)\s*([kKmMbB]?)\s*", str(value))
+    if not m:
+        raise NyxrayError(f"--out-shard-size {value!r}: expected an integer with an optional K, M or B suffix (e.g. 5B)")
+    return int(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[m.group(2).lower()]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor."""
+
+    name: str
+    expr: Expr
+    op: str  # "copy" (bytes as they are), "cast", "slerp"
+    t: float | None
+    t_source: str | None  # recipe key path that gave t
+    order: tuple  # mergekit's write-order key
+
+    @property
+    def dtype(self) -> str:
+        return self.expr.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return shape_of(self.expr)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.dtype, self.shape)
+
+
+@dataclass
+class ShardPlan:
+    """One output shard: the unit of work."""
+
+    name: str
+    tensors: list[PlannedTensor]  # in write order (the index's weight_map order)
+    header: bytes
+    entries: list[ShardEntry]  # data layout in the file (safetensors order)
+
+    @property
+    def size(self) -> int:
+        return self.entries[-1].end if self.entries else len(self.header)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def in_file_order(self) -> list[PlannedTensor]:
+        by_name = {t.name: t for t in self.tensors}
+        return [by_name[e.name] for e in self.entries]
+
+
+@dataclass
+class StagePlan:
+    """The plan of one recipe (one stage of a pipeline)."""
+
+    recipe: Recipe
+    tensors: list[PlannedTensor]
+    shards: list[ShardPlan]
+    config: dict
+    donor: Model
+    tokenizer_from: Model
+    staged_read_bytes: int  # what this stage would read if run on its own inputs
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str | None:
+        return self.recipe.name
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    def as_model(self) -> Model:
+        """This stage's output as an input model of a later stage (expressions, no files)."""
+        return Model(
+            ref=self.recipe.name or "<final>",
+            config=self.config,
+            arch=self.donor.arch,
+            tensors={t.name: t.expr for t in self.tensors},
+            extra_files=self.tokenizer_from.extra_files,
+            files_loc=self.tokenizer_from.files_loc,
+        )
+
+
+@dataclass
+class Plan:
+    """A whole run: every stage, the final one last, and the source models read."""
+
+    stages: list[StagePlan]
+    sources: dict[str, Model]
+    out_shard_size: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def final(self) -> StagePlan:
+        return self.stages[-1]
+
+    def shards_to_write(self, intermediates: bool) -> list[tuple[StagePlan, ShardPlan]]:
+        stages = self.stages if intermediates else [self.final]
+        return [(st, sh) for st in stages for sh in st.shards]
+
+    def bytes_read_min(self, intermediates: bool = False) -> int:
+        """Source bytes the plan needs: each distinct byte of every needed source range, once."""
+        spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        for _, shard in self.shards_to_write(intermediates):
+            for t in shard.tensors:
+                for leaf in leaves(t.expr):
+                    spans.setdefault((leaf.loc.display, leaf.file), []).append((leaf.start, leaf.end))
+        total = 0
+        for ranges in spans.values():
+            end = -1
+            for a, b in sorted(ranges):
+                if b > end:
+                    total += b - max(a, end)
+                    end = b
+        return total
+
+    def read_bytes_by_source(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        seen = set()
+        for shard in self.final.shards:
+            for t in shard.tensors:
+                for leaf in leaves(t.expr):
+                    if leaf.key not in seen:
+                        seen.add(leaf.key)
+                        out[leaf.model] = out.get(leaf.model, 0) + leaf.end - leaf.start
+        return out
+
+    @property
+    def header_bytes(self) -> int:
+        return sum(m.header_bytes for m in self.sources.values())
+
+
+# -- planning one stage ---------------------------------------------------------------------------
+
+
+def _normalise_slices(recipe: Recipe, models: dict[str, Model]) -> tuple[Slice, ...]:
+    if recipe.slices is not None:
+        return recipe.slices
+    assert recipe.models is not None
+    sources = [Source(m.model, (0, models[m.model].num_layers), m.parameters, m.path) for m in recipe.models]
+    if recipe.base_model and recipe.base_model not in [s.model for s in sources]:
+        sources.append(Source(recipe.base_model, (0, models[recipe.base_model].num_layers), {}, "base_model"))
+    return (Slice(tuple(sources), None, {}, "models"),)
+
+
+def _check_slices(recipe: Recipe, slices: tuple[Slice, ...], models: dict[str, Model]) -> None:
+    o = recipe.origin
+    for sl in slices:
+        lengths = set()
+        for src in sl.sources:
+            start, end = src.layer_range  # type: ignore[misc]
+            n = models[src.model].num_layers
+            if end > n:
+                raise RecipeError(f"{src.path}.layer_range", f"[{start}, {end}] is beyond model {src.model!r}, which has {n} layers (0..{n - 1}; the range is half-open)", o)
+            lengths.add(end - start)
+        if len(lengths) > 1:
+            raise RecipeError(f"{sl.path}.sources", f"all sources of a slice must have the same number of layers, got {sorted(lengths)}", o)
+        if recipe.merge_method == "passthrough" and len(sl.sources) != 1:
+            raise RecipeError(f"{sl.path}.sources", f"passthrough takes exactly one source per slice, got {len(sl.sources)}", o)
+        if recipe.merge_method == "slerp":
+            base = sl.base_model or recipe.base_model
+            if base is None:
+                raise RecipeError("base_model", f"slerp needs a base_model (top level or {sl.path}.base_model): t=0 gives the base model", o)
+            if len(sl.sources) != 2:
+                raise RecipeError(f"{sl.path}.sources", f"slerp takes exactly two sources per slice, got {len(sl.sources)}", o)
+            if base not in [s.model for s in sl.sources]:
+                raise RecipeError(f"{sl.path}.sources", f"the base model {base!r} must be one of the slice's sources", o)
+
+
+@dataclass(frozen=True)
+class _Want:
+    """An output tensor to build: its name, position t, and each source's input tensor name."""
+
+    out: str
+    t: float
+    inputs: tuple[tuple[Source, str], ...]
+    slice: Slice
+    layer: int  # output layer index, -1 for pre/post weights
+
+
+def _wanted(recipe: Recipe, slices: tuple[Slice, ...], models: dict[str, Model]) -> list[_Want]:
+    arch = models[slices[0].sources[0].model].arch
+    wants = [_Want(n, 0.0, tuple((s, n) for s in slices[0].sources), slices[0], -1) for n in arch.pre]
+    out_layer = 0
+    for sl in slices:
+        start0, end0 = sl.sources[0].layer_range  # type: ignore[misc]
+        length = end0 - start0
+        for i in range(length):
+            t = i / (length - 1) if length > 1 else 1.0
+            for suffix in arch.layer:
+                ins = tuple((s, arch.layer_name(s.layer_range[0] + i, suffix)) for s in sl.sources)  # type: ignore[index]
+                wants.append(_Want(arch.layer_name(out_layer + i, suffix), t, ins, sl, out_layer + i))
+        out_layer += length
+    wants += [_Want(n, 0.0, tuple((s, n) for s in slices[-1].sources), slices[-1], -1) for n in arch.post]
+    return wants
+
+
+def _stage_dtype(name: str | None) -> str | None:
+    return RECIPE_DTYPES[name] if name else None
+
+
+def _truncate_rows(e: Expr, rows: int) -> Expr:
+    """The first ``rows`` rows of a 2-D tensor: a prefix of its bytes, so reads shrink too."""
+    if isinstance(e, Leaf):
+        row_bytes = (e.end - e.start) // e.shape[0]
+        return Leaf(e.loc, e.file, e.start, e.start + rows * row_bytes, e.dtype, (rows,) + e.shape[1:], e.model, e.name)
+    if not isinstance(e, Slerp):
+        return cast(_truncate_rows(e.child, rows), e.dtype)
+    raise ModelError("vocabulary truncation of a tensor computed by an earlier SLERP stage is not supported")
+
+
+def plan_stage(recipe: Recipe, models: dict[str, Model], out_shard_size: int, allow_crimes: bool = False, unsafe_truncate_embeddings: bool = False) -> StagePlan:
+    """Plan one recipe whose model references are all keys of ``models``."""
+    o = recipe.origin
+    archs = {models[r].arch.name for r in recipe.model_refs()}
+    if len(archs) > 1 and not allow_crimes:
+        raise ModelError(f"{o}: the models have different architectures ({', '.join(sorted(archs))}); pass --allow-crimes to merge them anyway")
+    slices = _normalise_slices(recipe, models)
+    _check_slices(recipe, slices, models)
+    dtype, out_dtype = _stage_dtype(recipe.dtype), _stage_dtype(recipe.out_dtype)
+    top = ("parameters", recipe.parameters)
+    warnings: list[str] = []
+    tensors: list[PlannedTensor] = []
+    seen_names: list[str] = []
+    staged_read = 0
+    for w in _wanted(recipe, slices, models):
+        arch = models[w.inputs[0][0].model].arch
+        present = [(src, name, models[src.model].tensors.get(name)) for src, name in w.inputs]
+        have = [(src, name, e) for src, name, e in present if e is not None]
+        optional = w.out in arch.optional or any(w.out.endswith("." + s) for s in arch.optional)
+        if len(have) < len(present):
+            if optional and not have:
+                continue
+            if not optional or recipe.merge_method == "passthrough":
+                src, name, _ = next(p for p in present if p[2] is None)
+                close = did_you_mean(name, tuple(models[src.model].tensors))
+                raise ModelError(f"{o}: tensor {name!r} required but not present in model {src.model!r}{close}")
+        seen_names.append(w.out)
+        staged_read += sum(nbytes_of(e.dtype, shape_of(e)) for _, _, e in have)
+        base_name = have[0][1]
+        if recipe.merge_method == "slerp" and len(have) == 2:
+            base_ref = w.slice.base_model or recipe.base_model
+            (sa, na, ea), (sb, nb, eb) = sorted(have, key=lambda h: h[0].model != base_ref)
+            base_name = na
+            if shape_of(ea) != shape_of(eb):
+                sa_, sb_ = shape_of(ea), shape_of(eb)
+                if w.out in arch.embeds and unsafe_truncate_embeddings and sa_[1:] == sb_[1:]:
+                    rows = min(sa_[0], sb_[0])
+                    warnings.append(f"UNSAFE vocabulary truncation of {w.out} to {rows} rows ({sa_} vs {sb_})")
+                    ea, eb = _truncate_rows(ea, rows), _truncate_rows(eb, rows)
+                else:
+                    hint = " (vocabulary sizes differ: --unsafe-truncate-embeddings keeps the common rows)" if w.out in arch.embeds else ""
+                    raise ModelError(f"{o}: tensor size mismatch for {w.out}: {list(sa_)} in {sa.model!r} vs {list(sb_)} in {sb.model!r}{hint}")
+            a, b = cast(ea, dtype), cast(eb, dtype)
+            if a.dtype != b.dtype:
+                raise ModelError(f"{o}: {w.out} is {a.dtype} in {sa.model!r} but {b.dtype} in {sb.model!r}; set dtype: in the recipe")
+            levels = [(f"{w.slice.path}.parameters", w.slice.parameters), top] if recipe.slices is not None else [top]
+            r = resolve("t", levels, w.out, w.t)
+            if r is None:
+                raise RecipeError("parameters.t", f"missing required parameter t for {w.out} (no filter matches it and there is no fallback)", o)
+            expr: Expr = cast(Slerp(a, b, float(r.value), a.dtype), out_dtype)
+            tensors.append(PlannedTensor(w.out, expr, "slerp", float(r.value), r.source, (base_name, w.layer)))
+        else:
+            src, name, e = have[0]
+            expr = cast(cast(e, dtype), out_dtype)
+            op = "copy" if expr is e else "cast"
+            tensors.append(PlannedTensor(w.out, expr, op, None, None, (name, w.layer)))
+    _warn_unmatched_filters(recipe, slices, seen_names, warnings)
+    tensors.sort(key=lambda t: t.order)
+    donor_ref = recipe.base_model or slices[0].sources[0].model
+    donor = models[donor_ref]
+    tok_ref = recipe.base_model if recipe.tokenizer_source == "base" else (recipe.tokenizer_source or donor_ref)
+    tok_from = models[tok_ref]
+    config = copy.deepcopy(donor.config)
+    config[donor.arch.layers_key] = sum(sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0] for sl in slices)  # type: ignore[index]
+    if recipe.out_dtype or recipe.dtype:
+        key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
+        config[key] = recipe.out_dtype or recipe.dtype
+    return StagePlan(recipe, tensors, layout_shards(tensors, out_shard_size), config, donor, tok_from, staged_read, warnings)
+
+
+def _warn_unmatched_filters(recipe: Recipe, slices: tuple[Slice, ...], names: list[str], warnings: list[str]) -> None:
+    levels = [("parameters", recipe.parameters)] + [(f"{s.path}.parameters", s.parameters) for s in slices]
+    for path, params in levels:
+        for pname, setting in params.items():
+            if isinstance(setting, list) and setting and isinstance(setting[0], dict):
+                for i, cond in enumerate(setting):
+                    flt = cond["filter"]
+                    if flt is not None and not any(filter_matches(flt, n) for n in names):
+                        warnings.append(f"{recipe.origin}: {path}.{pname}[{i}]: filter {flt!r} matches no tensor (a plain substring of tensor names); those tensors get a later rule")
+
+
+def layout_shards(tensors: list[PlannedTensor], out_shard_size: int) -> list[ShardPlan]:
+    """Greedy fill in write order; one shard -> ``model.safetensors``, else ``model-0000k-of-0000n``."""
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and out_shard_size > 0 and size + t.nbytes > out_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    shards = []
+    for k, group in enumerate(groups, start=1):
+        name = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+        header, entries = build_header([(t.name, t.dtype, t.shape) for t in group], SHARD_METADATA)
+        shards.append(ShardPlan(name, group, header, entries))
+    return shards
+
+
+# -- planning a pipeline --------------------------------------------------------------------------
+
+
+def _stage_order(recipes: list[Recipe]) -> list[Recipe]:
+    names = {r.name: r for r in recipes if r.name}
+    deps = {id(r): [names[m] for m in r.model_refs() if m in names and names[m] is not r] for r in recipes}
+    order: list[Recipe] = []
+    state: dict[int, int] = {}
+
+    def visit(r: Recipe, trail: list[str]) -> None:
+        if state.get(id(r)) == 2:
+            return
+        if state.get(id(r)) == 1:
+            raise RecipeError("", f"the pipeline has a cycle: {' -> '.join(trail + [r.name or '<final>'])}", r.origin)
+        state[id(r)] = 1
+        for d in deps[id(r)]:
+            visit(d, trail + [r.name or "<final>"])
+        state[id(r)] = 2
+        order.append(r)
+
+    final = [r for r in recipes if r.name is None] or [recipes[-1]]
+    for r in final + recipes:
+        visit(r, [])
+    # the output is the unnamed stage, else the last document
+    order.remove(final[0])
+    return order + [final[0]]
+
+
+def plan(
+    recipes: list[Recipe],
+    resolver: Resolver | None = None,
+    out_shard_size: int | str = "5B",
+    allow_crimes: bool = False,
+    unsafe_truncate_embeddings: bool = False,
+) -> Plan:
+    """Plan a recipe or pipeline: read every source model's headers, then plan each stage."""
+    resolver = resolver or Resolver()
+    size = parse_size(out_shard_size)
+    stage_names = [r.name for r in recipes if r.name]
+    ordered = _stage_order(recipes)
+    sources: dict[str, Model] = {}
+    stage_models: dict[str, Model] = {}
+    stages: list[StagePlan] = []
+    for recipe in ordered:
+        models: dict[str, Model] = {}
+        for ref, path in _ref_paths(recipe):
+            if ref in stage_models:
+                models[ref] = stage_models[ref]
+                continue
+            if ref in stage_names:
+                raise RecipeError(path, f"stage {ref!r} is used before it is defined", recipe.origin)
+            if ref not in sources:
+                try:
+                    sources[ref] = load_model(ref, resolver.locate(ref))
+                except NyxrayError as e:
+                    hint = did_you_mean(ref, stage_names) if stage_names else ""
+                    if hint:
+                        raise RecipeError(path, f"model {ref!r} is neither a stage of this pipeline nor a model that can be found{hint}; stages: {', '.join(stage_names)}", recipe.origin) from None
+                    raise RecipeError(path, str(e), recipe.origin) from None
+            models[ref] = sources[ref]
+        st = plan_stage(recipe, models, size, allow_crimes, unsafe_truncate_embeddings)
+        stages.append(st)
+        if recipe.name:
+            stage_models[recipe.name] = st.as_model()
+    warnings = [w for st in stages for w in st.warnings]
+    return Plan(stages, sources, size, warnings)
+
+
+def _ref_paths(recipe: Recipe) -> list[tuple[str, str]]:
+    """(model reference, recipe key path) for every reference, first occurrence each."""
+    out: dict[str, str] = {}
+    for i, sl in enumerate(recipe.slices or ()):
+        for src in sl.sources:
+            out.setdefault(src.model, f"{src.path}.model")
+        if sl.base_model:
+            out.setdefault(sl.base_model, f"slices[{i}].base_model")
+    for m in recipe.models or ():
+        out.setdefault(m.model, f"{m.path}.model")
+    if recipe.base_model:
+        out.setdefault(recipe.base_model, "base_model")
+    if recipe.tokenizer_source and recipe.tokenizer_source != "base":
+        out.setdefault(recipe.tokenizer_source, "tokenizer_source")
+    return list(out.items())

@@ -1,0 +1,324 @@
+"""mergekit YAML recipes -> typed, validated objects. Every rule of the recipe format lives here.
+
+Stricter than mergekit: unknown or misspelt keys, wrong types, reversed layer ranges and
+unsupported features are errors that name the key path (``slices[1].sources[0].layer_range``),
+raised before any model is opened. A file may hold several ``---``-separated documents: a
+pipeline of named stages (mergekit-multi's format), see :func:`parse_pipeline`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+
+from .errors import RecipeError, did_you_mean
+from .safetensors_io import RECIPE_DTYPES
+
+Scalar = Union[float, int, bool, str]
+# A setting as written: a scalar, a gradient list, or a list of {filter, value} conditionals.
+Setting = Any
+
+METHODS = {
+    # method -> {parameter: (scope, required)}; "shared" parameters are evaluated on the output
+    # tensor name and cannot be set per source, "model" ones on each input's own tensor name.
+    "passthrough": {},
+    "slerp": {"t": ("shared", True)},
+}
+
+TOP_KEYS = ("name", "merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source")
+SLICE_KEYS = ("sources", "base_model", "parameters")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+MODEL_KEYS = ("model", "parameters")
+UNSUPPORTED = {
+    "modules": "multi-module architectures are not supported; use slices:",
+    "tokenizer": "building a tokenizer (tokenizer:) is not supported; use tokenizer_source: base or a model",
+    "chat_template": "chat_template is not supported; the donor's tokenizer files are copied as they are",
+    "residual_weight": "residual_weight is not supported",
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """An input slice: layers ``[start, end)`` of one model (``layer_range`` None = every layer)."""
+
+    model: str
+    layer_range: tuple[int, int] | None
+    parameters: dict[str, Setting] = field(default_factory=dict)
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Slice:
+    """An output slice: its sources are merged layer by layer."""
+
+    sources: tuple[Source, ...]
+    base_model: str | None
+    parameters: dict[str, Setting] = field(default_factory=dict)
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One merge. Exactly one of ``slices`` and ``models`` is set."""
+
+    merge_method: str
+    slices: tuple[Slice, ...] | None
+    models: tuple[Source, ...] | None
+    base_model: str | None
+    parameters: dict[str, Setting]
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+    name: str | None
+    text: str
+    origin: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def model_refs(self) -> list[str]:
+        """Every model this recipe names, in recipe order, without repeats."""
+        refs: list[str] = []
+        for s in self.slices or ():
+            refs += [src.model for src in s.sources] + ([s.base_model] if s.base_model else [])
+        refs += [m.model for m in self.models or ()]
+        if self.base_model:
+            refs.append(self.base_model)
+        return list(dict.fromkeys(refs))
+
+
+def _check_keys(node: Any, allowed: tuple[str, ...], path: str, origin: str) -> dict:
+    if not isinstance(node, dict):
+        raise RecipeError(path or "recipe", f"expected a mapping, got {type(node).__name__}", origin)
+    for key in node:
+        sub = f"{path}.{key}" if path else str(key)
+        if key in UNSUPPORTED:
+            raise RecipeError(sub, UNSUPPORTED[key], origin)
+        if key not in allowed:
+            raise RecipeError(sub, f"unknown key{did_you_mean(str(key), allowed)}", origin)
+    return node
+
+
+def _model_ref(value: Any, path: str, origin: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(path, f"a model reference must be a non-empty string, got {value!r}", origin)
+    if "+" in value and "://" not in value:
+        raise RecipeError(path, f"LoRA references ({value!r}) are not supported", origin)
+    if value.count("@") > 1 and "://" not in value:
+        raise RecipeError(path, f"{value!r} has more than one '@revision'", origin)
+    return value.strip()
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_value(value: Any, path: str, origin: str) -> None:
+    if _number(value) or isinstance(value, bool):
+        return
+    if isinstance(value, list) and value and all(_number(v) for v in value):
+        return
+    raise RecipeError(path, f"a value must be a number or a non-empty list of numbers (a gradient), got {value!r}", origin)
+
+
+def _setting(value: Any, path: str, origin: str) -> Setting:
+    """Validate one parameter setting; returns it in normal form (conditionals as a list)."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for i, cond in enumerate(value):
+            p = f"{path}[{i}]"
+            _check_keys(cond, ("filter", "value"), p, origin)
+            if "value" not in cond:
+                raise RecipeError(p, "a conditional needs a value:", origin)
+            if "filter" in cond and not isinstance(cond["filter"], str):
+                raise RecipeError(f"{p}.filter", f"a filter must be a string, got {cond['filter']!r}", origin)
+            _check_value(cond["value"], f"{p}.value", origin)
+        return [{"filter": c.get("filter"), "value": c["value"]} for c in value]
+    _check_value(value, path, origin)
+    return value
+
+
+def _parameters(node: Any, method: str, scope: str, path: str, origin: str) -> dict[str, Setting]:
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        raise RecipeError(path, "parameters must be a mapping", origin)
+    known = METHODS.get(method, {})
+    out = {}
+    for name, value in node.items():
+        p = f"{path}.{name}"
+        if name not in known:
+            raise RecipeError(p, f"{method} takes no parameter {name!r}{did_you_mean(str(name), tuple(known))}", origin)
+        if scope == "source" and known[name][0] == "shared":
+            raise RecipeError(p, f"{name!r} is shared by all inputs of a {method} merge; set it on the slice or at the top level, not per source", origin)
+        out[name] = _setting(value, p, origin)
+    return out
+
+
+def _layer_range(value: Any, path: str, origin: str) -> tuple[int, int]:
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise RecipeError(path, f"must be [start, end] with two integers, got {value!r}", origin)
+    start, end = value
+    if start < 0:
+        raise RecipeError(path, f"start {start} is negative", origin)
+    if end < start:
+        raise RecipeError(path, f"[{start}, {end}] is reversed (the range is half-open [start, end))", origin)
+    return start, end
+
+
+def _dtype(value: Any, path: str, origin: str) -> str | None:
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    if name not in RECIPE_DTYPES:
+        raise RecipeError(path, f"unknown dtype {value!r}{did_you_mean(name, tuple(RECIPE_DTYPES))}; one of {', '.join(RECIPE_DTYPES)}", origin)
+    return name
+
+
+def parse_recipe(doc: Any, text: str, origin: str = "<recipe>") -> Recipe:
+    """Validate one parsed YAML document; ``text`` is its source, kept for the model card."""
+    _check_keys(doc, TOP_KEYS, "", origin)
+    method = doc.get("merge_method")
+    if method is None:
+        raise RecipeError("merge_method", "is required", origin)
+    if method not in METHODS:
+        raise RecipeError("merge_method", f"unknown or unsupported merge method {method!r}{did_you_mean(str(method), tuple(METHODS))}; nyxray supports {', '.join(METHODS)}", origin)
+    has = [k for k in ("slices", "models") if doc.get(k) is not None]
+    if len(has) != 1:
+        raise RecipeError("", "exactly one of slices: and models: must be given", origin)
+    base = _model_ref(doc["base_model"], "base_model", origin) if doc.get("base_model") is not None else None
+
+    slices = models = None
+    if "slices" in has:
+        raw = doc["slices"]
+        if not isinstance(raw, list) or not raw:
+            raise RecipeError("slices", "must be a non-empty list", origin)
+        out = []
+        for i, s in enumerate(raw):
+            sp = f"slices[{i}]"
+            _check_keys(s, SLICE_KEYS, sp, origin)
+            srcs = s.get("sources")
+            if not isinstance(srcs, list) or not srcs:
+                raise RecipeError(f"{sp}.sources", "must be a non-empty list", origin)
+            sources = []
+            for j, src in enumerate(srcs):
+                p = f"{sp}.sources[{j}]"
+                _check_keys(src, SOURCE_KEYS, p, origin)
+                if "model" not in src:
+                    raise RecipeError(f"{p}.model", "is required", origin)
+                if "layer_range" not in src:
+                    raise RecipeError(f"{p}.layer_range", "is required", origin)
+                sources.append(
+                    Source(
+                        _model_ref(src["model"], f"{p}.model", origin),
+                        _layer_range(src["layer_range"], f"{p}.layer_range", origin),
+                        _parameters(src.get("parameters"), method, "source", f"{p}.parameters", origin),
+                        p,
+                    )
+                )
+            sbase = _model_ref(s["base_model"], f"{sp}.base_model", origin) if s.get("base_model") is not None else None
+            out.append(Slice(tuple(sources), sbase, _parameters(s.get("parameters"), method, "slice", f"{sp}.parameters", origin), sp))
+        slices = tuple(out)
+    else:
+        raw = doc["models"]
+        if not isinstance(raw, list) or not raw:
+            raise RecipeError("models", "must be a non-empty list", origin)
+        ms = []
+        for j, m in enumerate(raw):
+            p = f"models[{j}]"
+            _check_keys(m, MODEL_KEYS, p, origin)
+            if "model" not in m:
+                raise RecipeError(f"{p}.model", "is required", origin)
+            ms.append(Source(_model_ref(m["model"], f"{p}.model", origin), None, _parameters(m.get("parameters"), method, "source", f"{p}.parameters", origin), p))
+        models = tuple(ms)
+
+    tok = doc.get("tokenizer_source")
+    if tok is not None:
+        if tok == "union":
+            raise RecipeError("tokenizer_source", "'union' (building a merged vocabulary) is not supported; use base or a model", origin)
+        tok = _model_ref(tok, "tokenizer_source", origin)
+        if tok == "base" and base is None:
+            raise RecipeError("tokenizer_source", "'base' needs a top-level base_model", origin)
+    name = doc.get("name")
+    if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
+        raise RecipeError("name", f"a stage name must be a plain non-empty string without '/', got {name!r}", origin)
+    return Recipe(
+        merge_method=method,
+        slices=slices,
+        models=models,
+        base_model=base,
+        parameters=_parameters(doc.get("parameters"), method, "top", "parameters", origin),
+        dtype=_dtype(doc.get("dtype"), "dtype", origin),
+        out_dtype=_dtype(doc.get("out_dtype"), "out_dtype", origin),
+        tokenizer_source=tok,
+        name=name,
+        text=text,
+        origin=origin,
+    )
+
+
+def _split_documents(text: str) -> list[str]:
+    """The source text of each ``---``-separated YAML document (for mergekit_config.yml)."""
+    docs, current = [], []
+    for line in text.splitlines(keepends=True):
+        if line.rstrip() == "---" or line.startswith("--- "):
+            docs.append("".join(current))
+            current = []
+        else:
+            current.append(line)
+    docs.append("".join(current))
+    return [d for d in docs if d.strip() and not all(l.strip().startswith("#") or not l.strip() for l in d.splitlines())]
+
+
+def parse_pipeline(text: str, origin: str = "<recipe>") -> list[Recipe]:
+    """Parse YAML text holding one recipe or a pipeline of ``---``-separated stages.
+
+    Loaded with a safe loader: tags such as ``!!python/object`` are refused. In a pipeline every
+    stage but at most one (the final output) has a unique ``name``.
+    """
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise RecipeError("", f"not valid YAML: {' '.join(str(e).split())}", origin) from None
+    if not docs:
+        raise RecipeError("", "the recipe is empty", origin)
+    texts = _split_documents(text)
+    if len(texts) != len(docs):
+        texts = [text] * len(docs)
+    recipes = []
+    for i, (doc, t) in enumerate(zip(docs, texts)):
+        where = origin if len(docs) == 1 else f"{origin} document {i + 1}"
+        recipes.append(parse_recipe(doc, t if len(docs) > 1 else text, where))
+    if len(recipes) > 1:
+        seen: dict[str, str] = {}
+        unnamed = [r.origin for r in recipes if r.name is None]
+        if len(unnamed) > 1:
+            raise RecipeError("name", f"a pipeline has at most one unnamed (final) stage; unnamed: {', '.join(unnamed)}", origin)
+        for r in recipes:
+            if r.name is not None:
+                if r.name in seen:
+                    raise RecipeError("name", f"stage name {r.name!r} is used twice ({seen[r.name]} and {r.origin})", origin)
+                seen[r.name] = r.origin
+    return recipes
+
+
+def load_pipeline(recipe: "str | os.PathLike[str] | Recipe | list[Recipe]") -> list[Recipe]:
+    """Accept a path, YAML text, a Recipe or a list of them (the public API's ``recipe`` argument)."""
+    if isinstance(recipe, Recipe):
+        return [recipe]
+    if isinstance(recipe, list):
+        return recipe
+    text = os.fspath(recipe)
+    if "\n" not in text and (text.endswith((".yml", ".yaml")) or os.path.exists(text)):
+        try:
+            with open(text, encoding="utf-8") as f:
+                return parse_pipeline(f.read(), text)
+        except OSError as e:
+            raise RecipeError("", f"cannot read recipe file: {e.strerror}", text) from None
+    return parse_pipeline(text)

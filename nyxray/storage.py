@@ -1,0 +1,387 @@
+"""One storage interface over fsspec: locations, ranged and coalesced reads, atomic writes.
+
+Every byte nyxray moves goes through :class:`Location`: local paths, ``file://``, ``s3://``
+(s3fs), ``gs://``, ``memory://`` and any other fsspec URL, and Hugging Face repos (resolved by
+:mod:`nyxray.models` to a cache snapshot or an ``hf://`` location). A Location pickles as
+(protocol, root, options), so Ray actors rebuild the filesystem on their side.
+
+Errors are turned into :class:`StorageError` messages that name the URL and never carry
+credentials. Transient failures (connection resets, throttling, 5xx) are retried with capped
+exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, TypeVar
+
+import fsspec
+
+from .errors import StorageError
+
+T = TypeVar("T")
+
+SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|session)", re.I)
+COALESCE_CAP = 64 * 2**20  # bytes: one ranged request never asks for more
+RETRIES = 6
+
+
+def redact(text: str, options: dict[str, Any] | None = None) -> str:
+    """Remove credentials from a message: URL user-info and any secret option value."""
+    text = re.sub(r"(\w+://)[^/@\s]*@", r"\1***@", text)
+    for value in _secret_values(options or {}):
+        text = text.replace(value, "***")
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "AWS_ACCESS_KEY_ID"):
+        value = os.environ.get(var)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _secret_values(options: dict[str, Any]) -> Iterable[str]:
+    for k, v in options.items():
+        if isinstance(v, dict):
+            yield from _secret_values(v)
+        elif isinstance(v, str) and len(v) >= 4 and SECRET_KEYS.search(str(k)) and not k.endswith("url"):
+            yield v
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError)):
+        return False
+    text = f"{type(exc).__name__} {exc}"
+    if re.search(r"AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket|NoSuchKey|Forbidden|\b40[0134]\b", text):
+        return False
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) or bool(
+        re.search(r"SlowDown|ServiceUnavailable|InternalError|RequestTimeout|Throttl|5\d\d|Connection|reset|timed out|ClientPayloadError|ServerDisconnected", text)
+    )
+
+
+def with_retries(fn: Callable[[], T], what: str, options: dict[str, Any] | None = None, retries: int = RETRIES) -> T:
+    """Run ``fn``; retry transient errors with backoff; turn failures into StorageError."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every backend raises its own types
+            if _is_transient(e) and attempt < retries:
+                time.sleep(min(4.0, 0.1 * 2**attempt) * (0.5 + random.random()))
+                continue
+            raise StorageError(redact(f"{what}: {_describe(e)}", options)) from None
+    raise AssertionError("unreachable")
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "not found"
+    if isinstance(e, PermissionError):
+        return f"access denied ({e})"
+    return f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class Location:
+    """A directory-like place in some storage: ``protocol`` + ``root`` + fsspec ``options``."""
+
+    protocol: str
+    root: str
+    options: dict[str, Any] = field(default_factory=dict)
+    display: str = ""
+
+    def __post_init__(self) -> None:
+        self.root = self.root.rstrip("/") if self.root not in ("/", "") else self.root
+        if not self.display:
+            self.display = self.root if self.protocol == "file" else f"{self.protocol}://{self.root}"
+        self._fs: Any = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_fs"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._fs = None
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            try:
+                self._fs = fsspec.filesystem(self.protocol, **self.options)
+            except (ImportError, ValueError, TypeError) as e:
+                raise StorageError(redact(f"{self.display}: cannot use storage {self.protocol!r}: {e}", self.options)) from None
+        return self._fs
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    def path(self, name: str) -> str:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise StorageError(f"{self.display}: refusing a name that escapes the location: {name!r}")
+        return f"{self.root}/{name}" if name else self.root
+
+    def url(self, name: str) -> str:
+        return f"{self.display}/{name}" if name else self.display
+
+    def child(self, name: str) -> "Location":
+        return Location(self.protocol, self.path(name), self.options, self.url(name))
+
+    # -- reads ---------------------------------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        return with_retries(lambda: bool(self.fs.exists(self.path(name))), self.url(name), self.options)
+
+    def size(self, name: str) -> int:
+        return with_retries(lambda: int(self.fs.size(self.path(name))), self.url(name), self.options)
+
+    def read(self, name: str) -> bytes:
+        return with_retries(lambda: self.fs.cat_file(self.path(name)), self.url(name), self.options)
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        data = with_retries(lambda: self._read_range(self.path(name), start, end), self.url(name), self.options)
+        if len(data) != end - start:
+            raise StorageError(f"{self.url(name)}: short read at bytes {start}-{end} ({len(data)} bytes; truncated file?)")
+        return data
+
+    def _read_range(self, path: str, start: int, end: int) -> bytes:
+        if self.is_local:
+            with open(path, "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        if start == end:
+            return b""
+        if hasattr(self.fs, "_cat_file"):  # async backends (s3fs, gcsfs, http): exact ranged GET
+            return self.fs.cat_file(path, start=start, end=end)
+        with self.fs.open(path, "rb", cache_type="none") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    def listdir(self, name: str = "") -> list[str]:
+        """Base names of the files directly under ``name`` (empty when it does not exist)."""
+        def ls() -> list[str]:
+            try:
+                entries = self.fs.ls(self.path(name), detail=False)
+            except FileNotFoundError:
+                return []
+            return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+        return with_retries(ls, self.url(name), self.options)
+
+    # -- writes --------------------------------------------------------------------------------
+    def open_atomic(self, name: str, part_size: int = 16 * 2**20) -> "AtomicWriter":
+        return AtomicWriter(self, name, part_size)
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        w = self.open_atomic(name)
+        try:
+            w.write(data)
+        except BaseException:
+            w.discard()
+            raise
+        w.commit()
+
+    def delete(self, name: str) -> None:
+        def rm() -> None:
+            try:
+                self.fs.rm_file(self.path(name))
+            except FileNotFoundError:
+                pass
+
+        with_retries(rm, self.url(name), self.options)
+
+    def delete_tree(self, name: str) -> None:
+        """Remove ``name`` and everything under it (nothing when absent)."""
+        def rm() -> None:
+            try:
+                self.fs.rm(self.path(name), recursive=True)
+            except FileNotFoundError:
+                pass
+
+        with_retries(rm, self.url(name), self.options)
+
+    def makedirs(self) -> None:
+        if self.is_local:
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"{self.display}: cannot create the output directory: {e.strerror}") from None
+
+
+class AtomicWriter:
+    """Streams one file; it becomes visible under its final name only on :meth:`commit`.
+
+    Local files: a hidden temporary file in the same directory, fsynced, then renamed. Object
+    stores with a discardable upload (s3fs, gcsfs): the multipart upload is completed on commit and
+    aborted on discard, so an interrupted shard never appears (s3fs would otherwise complete it
+    when an exception leaves a ``with`` block). Other backends: a temporary name, then a move.
+    """
+
+    def __init__(self, loc: Location, name: str, part_size: int):
+        self.loc, self.name, self.done = loc, name, False
+        self.final = loc.path(name)
+        self.written = 0
+        if loc.is_local:
+            d = os.path.dirname(self.final)
+            self.tmp = os.path.join(d, f".{os.path.basename(self.final)}.nyxray-{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                os.makedirs(d, exist_ok=True)
+                self.f: Any = open(self.tmp, "wb")
+            except OSError as e:
+                raise StorageError(f"{loc.url(name)}: cannot write: {e.strerror}") from None
+            return
+        self.direct = loc.protocol in ("s3", "s3a", "gs", "gcs")
+        self.tmp = self.final if self.direct else f"{self.final}.nyxray-{uuid.uuid4().hex[:8]}.tmp"
+        kwargs = {"block_size": part_size} if self.direct else {}
+        self.f = with_retries(lambda: loc.fs.open(self.tmp, "wb", **kwargs), loc.url(name), loc.options)
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self.f.write(data)
+        except OSError as e:
+            raise StorageError(redact(f"{self.loc.url(self.name)}: write failed: {_describe(e)}", self.loc.options)) from None
+        self.written += len(data)
+
+    def commit(self) -> None:
+        url = self.loc.url(self.name)
+        if self.loc.is_local:
+            try:
+                self.f.flush()
+                os.fsync(self.f.fileno())
+                self.f.close()
+                os.replace(self.tmp, self.final)
+            except OSError as e:
+                raise StorageError(f"{url}: cannot commit: {e.strerror}") from None
+        else:
+            try:
+                self.f.close()
+            except Exception as e:  # noqa: BLE001
+                self.discard()
+                raise StorageError(redact(f"{url}: upload failed: {_describe(e)}", self.loc.options)) from None
+            if not self.direct:
+                with_retries(lambda: self.loc.fs.mv(self.tmp, self.final), url, self.loc.options)
+        self.done = True
+
+    def discard(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            if self.loc.is_local:
+                self.f.close()
+                os.unlink(self.tmp)
+            elif hasattr(self.f, "discard"):
+                self.f.discard()
+            else:
+                self.f.close()
+                self.loc.fs.rm_file(self.tmp)
+        except Exception:  # noqa: BLE001 - best effort: the final name was never written
+            pass
+
+
+def location(url: str, options: dict[str, Any] | None = None) -> Location:
+    """Turn a path or fsspec URL into a Location (no I/O)."""
+    options = dict(options or {})
+    if "://" not in url:
+        return Location("file", os.path.abspath(os.path.expanduser(url)), {}, os.path.abspath(os.path.expanduser(url)))
+    protocol, rest = url.split("://", 1)
+    protocol = protocol.lower()
+    if protocol == "file":
+        return Location("file", "/" + rest.lstrip("/"), {})
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as e:
+        raise StorageError(f"{redact(url)}: unsupported storage {protocol!r} ({e})") from None
+    root = cls._strip_protocol(url)
+    display = redact(url).rstrip("/")
+    if protocol in ("s3", "s3a"):
+        options = s3_options(options)
+    return Location(protocol, root, options, display)
+
+
+def s3_options(options: dict[str, Any]) -> dict[str, Any]:
+    """s3fs options from the user's plus the environment: endpoint, retries with backoff."""
+    out = dict(options)
+    endpoint = out.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    ck = dict(out.get("client_kwargs") or {})
+    if endpoint:
+        ck.setdefault("endpoint_url", endpoint)
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        ck.setdefault("region_name", region)
+    if ck:
+        out["client_kwargs"] = ck
+    cfg = dict(out.get("config_kwargs") or {})
+    cfg.setdefault("retries", {"max_attempts": 8, "mode": "standard"})
+    cfg.setdefault("connect_timeout", 10)
+    cfg.setdefault("read_timeout", 60)
+    out["config_kwargs"] = cfg
+    return out
+
+
+def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``--storage-option``) -> options; dotted keys nest, values are YAML scalars."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise StorageError(f"--storage-option {pair.split('=')[0]!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+        if not isinstance(node[parts[-1]], (str, int, float, bool, type(None))):
+            node[parts[-1]] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Range:
+    """A byte range of one file of one location."""
+
+    loc: Location
+    name: str
+    start: int
+    end: int
+
+
+def read_ranges(ranges: list[Range], cap: int = COALESCE_CAP, threads: int = 8) -> tuple[list[bytes], int]:
+    """Read many ranges: adjacent ranges of a file are coalesced into requests of at most ``cap``
+    bytes, which run concurrently. Returns the data of each range, in order, and bytes fetched."""
+    order = sorted(range(len(ranges)), key=lambda i: (ranges[i].loc.display, ranges[i].name, ranges[i].start))
+    groups: list[list[int]] = []
+    for i in order:
+        r = ranges[i]
+        if groups:
+            g = ranges[groups[-1][0]]
+            last = ranges[groups[-1][-1]]
+            if (g.loc.display, g.name) == (r.loc.display, r.name) and last.end == r.start and r.end - g.start <= cap:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+
+    def fetch(group: list[int]) -> bytes:
+        first, last = ranges[group[0]], ranges[group[-1]]
+        return first.loc.read_range(first.name, first.start, last.end)
+
+    out: list[bytes] = [b""] * len(ranges)
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(groups)))) as pool:
+        blobs = list(pool.map(fetch, groups))
+    fetched = 0
+    for group, blob in zip(groups, blobs):
+        fetched += len(blob)
+        base = ranges[group[0]].start
+        view = memoryview(blob)
+        for i in group:
+            out[i] = view[ranges[i].start - base : ranges[i].end - base]  # type: ignore[assignment]
+    return out, fetched

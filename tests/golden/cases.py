@@ -1,0 +1,351 @@
+"""Golden cases: the synthetic inputs and the recipes that ``make_golden.py`` ran through mergekit 0.1.5.
+
+Everything a test needs to rebuild the exact same inputs and run nyxray on the same recipes lives
+here as plain data, so the tests and the golden generator can never disagree:
+
+* ``MODELS``: the synthetic input checkpoints (``ModelSpec``), built in this order by
+  ``build_inputs(root)``; a spec with ``like`` is derived from an earlier one.
+* ``CASES``: the recipes (``Case``), in run order. A recipe is YAML text with placeholders:
+  ``<<model:NAME>>`` is the absolute directory of the synthetic model ``NAME`` and
+  ``<<case:NAME>>`` the absolute output directory of an earlier case (a pipeline stage).
+  ``render_recipe(case, input_root, output_root)`` substitutes them.
+* ``Case.cli``: the extra mergekit-yaml options that the case was run with (besides the fixed
+  ``COMMON_CLI``), and ``Case.out_shard_size`` the shard limit in bytes they amount to.
+
+The golden data itself is ``golden.json`` next to this file (see ``make_golden.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+try:
+    from nyxray.synthetic import ModelShape, make_model
+except ImportError:  # the package's __init__ is broken or mid-refactor: load the generator module alone
+    import importlib.util as _ilu
+    import sys as _sys
+
+    _p = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "nyxray", "synthetic.py")
+    _spec = _ilu.spec_from_file_location("_nyxray_synthetic_standalone", _p)
+    _mod = _ilu.module_from_spec(_spec)
+    _sys.modules[_spec.name] = _mod
+    _spec.loader.exec_module(_mod)
+    ModelShape, make_model = _mod.ModelShape, _mod.make_model
+
+SHAPE = ModelShape(hidden=128, intermediate=256, layers=32, vocab=9000, heads=4, kv_heads=2)
+INPUT_SHARD_BYTES = 3_000_000
+
+# mergekit-yaml options used for every case. --no-write-model-card: the card contains temp paths and
+# set-ordered model lists (not comparable); nyxray writes its own card.
+COMMON_CLI: tuple[str, ...] = ("--no-write-model-card",)
+# mergekit's default --out-shard-size ("5B", decimal, bytes).
+DEFAULT_OUT_SHARD_SIZE = 5_000_000_000
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One synthetic input model: ``make_model(os.path.join(root, name), shape, seed, shard_bytes, ...)``."""
+
+    name: str  # also the relative directory under the input root
+    shape: ModelShape
+    seed: int
+    shard_bytes: int
+    like: str | None = None  # name of an earlier ModelSpec
+    like_noise: float = 0.0
+
+    def build(self, root: str) -> str:
+        like = os.path.join(root, self.like) if self.like else None
+        return make_model(
+            os.path.join(root, self.name),
+            self.shape,
+            seed=self.seed,
+            shard_bytes=self.shard_bytes,
+            like=like,
+            like_noise=self.like_noise,
+        )
+
+
+# The four Nyxene sources are exactly what nyxray.synthetic.make_nyxene_sources(root, SHAPE,
+# INPUT_SHARD_BYTES) makes (seeds 1..4 in NYXENE_SOURCES order).
+UNA = "fblgit/una-cybertron-7b-v2"
+LOYAL = "chargoddard/loyal-piano-m7-cdpo"
+STARLING = "berkeley-nest/Starling-LM-7B-alpha"
+HERMES = "openaccess-ai-collective/DPOpenHermes-7B"
+# A near-colinear partner of UNA: the noise level puts many matrices' |cos| right around 0.9995.
+UNA_NEAR = "synthetic/una-near"
+NEAR_NOISE = 0.0395
+
+MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(UNA, SHAPE, 1, INPUT_SHARD_BYTES),
+    ModelSpec(LOYAL, SHAPE, 2, INPUT_SHARD_BYTES),
+    ModelSpec(STARLING, SHAPE, 3, INPUT_SHARD_BYTES),
+    ModelSpec(HERMES, SHAPE, 4, INPUT_SHARD_BYTES),
+    ModelSpec(UNA_NEAR, SHAPE, 11, INPUT_SHARD_BYTES, like=UNA, like_noise=NEAR_NOISE),
+)
+
+
+def build_inputs(root: str) -> dict[str, str]:
+    """Build every synthetic input under ``root``; returns name -> absolute directory."""
+    root = os.path.abspath(root)
+    return {spec.name: spec.build(root) for spec in MODELS}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    recipe: str  # YAML with <<model:...>> / <<case:...>> placeholders
+    cli: tuple[str, ...] = ()  # extra mergekit-yaml options (COMMON_CLI is always added)
+    out_shard_size: int = DEFAULT_OUT_SHARD_SIZE  # what --out-shard-size in ``cli`` means, in bytes
+    depends: tuple[str, ...] = ()  # cases whose outputs the recipe reads
+    description: str = ""
+    # The config/tokenizer donor mergekit used (a model name, or "case:NAME"). mergekit picks it from
+    # a set when base_model is absent; make_golden.py chooses PYTHONHASHSEED so that it is nyxray's rule
+    # (base_model, else the first source of the first slice).
+    donor: str = ""
+    tags: tuple[str, ...] = field(default=())
+
+
+def render_recipe(case: Case, model_dirs: dict[str, str], case_dirs: dict[str, str]) -> str:
+    """Substitute placeholders: ``model_dirs`` name -> dir (from build_inputs), ``case_dirs`` case -> output dir."""
+    text = case.recipe
+    for name, path in model_dirs.items():
+        text = text.replace(f"<<model:{name}>>", os.path.abspath(path))
+    for name, path in case_dirs.items():
+        text = text.replace(f"<<case:{name}>>", os.path.abspath(path))
+    if "<<" in text:
+        raise KeyError(f"unresolved placeholder in recipe of {case.name}: {text}")
+    return text
+
+
+_NYXENE_SLERP = """\
+slices:
+  - sources:
+      - model: <<case:nyxene_stage1a>>
+        layer_range: [0, 48]
+      - model: <<case:nyxene_stage1b>>
+        layer_range: [0, 48]
+merge_method: slerp
+base_model: <<case:nyxene_stage1a>>
+parameters:
+  t:
+    - filter: lm_head
+      value: [0.75]
+    - filter: embed_tokens
+      value: [0.75]
+    - filter: self_attn
+      value: [0.75, 0.25]
+    - filter: mlp
+      value:  [0.25, 0.75]
+    - filter: layernorm
+      value: [0.5, 0.5]
+    - filter: modelnorm
+      value: [0.75]
+    - value: 0.5 # fallback for rest of tensors
+dtype: bfloat16
+"""
+
+CASES: tuple[Case, ...] = (
+    Case(
+        name="nyxene_stage1a",
+        description="Nyxene card recipe 1: passthrough una-cybertron [0,24) + loyal-piano [8,32), ~4 shards",
+        recipe=f"""\
+slices:
+  - sources:
+    - model: <<model:{UNA}>>
+      layer_range: [0, 24]
+  - sources:
+    - model: <<model:{LOYAL}>>
+      layer_range: [8, 32]
+merge_method: passthrough
+dtype: bfloat16
+""",
+        cli=("--out-shard-size", "5M"),
+        out_shard_size=5_000_000,
+        donor=UNA,
+        tags=("passthrough",),
+    ),
+    Case(
+        name="nyxene_stage1b",
+        description="Nyxene card recipe 2: passthrough Starling [0,24) + DPOpenHermes [8,32), ~4 shards",
+        recipe=f"""\
+slices:
+  - sources:
+    - model: <<model:{STARLING}>>
+      layer_range: [0, 24]
+  - sources:
+    - model: <<model:{HERMES}>>
+      layer_range: [8, 32]
+merge_method: passthrough
+dtype: bfloat16
+""",
+        cli=("--out-shard-size", "5M"),
+        out_shard_size=5_000_000,
+        donor=STARLING,
+        tags=("passthrough",),
+    ),
+    Case(
+        name="nyxene_slerp",
+        description="Nyxene card recipe 3 (slerp, card's t filters incl. the no-op 'modelnorm') over cases 1 and 2, ~4 shards",
+        recipe=_NYXENE_SLERP,
+        cli=("--out-shard-size", "5M"),
+        out_shard_size=5_000_000,
+        depends=("nyxene_stage1a", "nyxene_stage1b"),
+        donor="case:nyxene_stage1a",
+        tags=("slerp",),
+    ),
+    Case(
+        name="slerp_default_shards",
+        description="same slerp with the default --out-shard-size: one model.safetensors, no index",
+        recipe=_NYXENE_SLERP,
+        depends=("nyxene_stage1a", "nyxene_stage1b"),
+        donor="case:nyxene_stage1a",
+        tags=("slerp",),
+    ),
+    Case(
+        name="models_slerp_f32",
+        description="models: shorthand (base listed second), scalar t, dtype bfloat16 + out_dtype float32",
+        recipe=f"""\
+models:
+  - model: <<model:{STARLING}>>
+  - model: <<model:{LOYAL}>>
+merge_method: slerp
+base_model: <<model:{LOYAL}>>
+parameters:
+  t: 0.3
+dtype: bfloat16
+out_dtype: float32
+""",
+        cli=("--out-shard-size", "10M"),
+        out_shard_size=10_000_000,
+        donor=LOYAL,
+        tags=("slerp", "out_dtype"),
+    ),
+    Case(
+        name="models_slerp_f16",
+        description="models: shorthand, gradient t, no dtype (bf16 inputs) + out_dtype float16",
+        recipe=f"""\
+models:
+  - model: <<model:{UNA}>>
+  - model: <<model:{HERMES}>>
+merge_method: slerp
+base_model: <<model:{UNA}>>
+parameters:
+  t: [0.1, 0.6, 0.35]
+out_dtype: float16
+""",
+        cli=("--out-shard-size", "4M"),
+        out_shard_size=4_000_000,
+        donor=UNA,
+        tags=("slerp", "out_dtype"),
+    ),
+    Case(
+        name="slerp_two_slices",
+        description=(
+            "slerp, two slices of two sources with different layer ranges; slice-level gradient t "
+            "(restarts per slice), slice 2 overrides base_model; top-level t fallback"
+        ),
+        recipe=f"""\
+slices:
+  - sources:
+      - model: <<model:{UNA}>>
+        layer_range: [0, 16]
+      - model: <<model:{LOYAL}>>
+        layer_range: [8, 24]
+    parameters:
+      t:
+        - filter: self_attn
+          value: [0.1, 0.9]
+        - value: [0.3, 0.7, 0.2]
+  - sources:
+      - model: <<model:{UNA}>>
+        layer_range: [20, 32]
+      - model: <<model:{LOYAL}>>
+        layer_range: [2, 14]
+    base_model: <<model:{LOYAL}>>
+    parameters:
+      t:
+        - filter: mlp
+          value: [0.8, 0.2]
+merge_method: slerp
+base_model: <<model:{UNA}>>
+parameters:
+  t: 0.45
+dtype: bfloat16
+""",
+        cli=("--out-shard-size", "4M"),
+        out_shard_size=4_000_000,
+        donor=UNA,
+        tags=("slerp", "slices"),
+    ),
+    Case(
+        name="slerp_near_colinear",
+        description="slerp of a near-colinear pair: matrices straddle the 0.9995 lerp threshold",
+        recipe=f"""\
+models:
+  - model: <<model:{UNA}>>
+  - model: <<model:{UNA_NEAR}>>
+merge_method: slerp
+base_model: <<model:{UNA}>>
+parameters:
+  t: 0.37
+dtype: bfloat16
+""",
+        cli=("--out-shard-size", "5M"),
+        out_shard_size=5_000_000,
+        donor=UNA,
+        tags=("slerp", "threshold"),
+    ),
+    Case(
+        name="slerp_t_extremes",
+        description="slerp with t=0 (self_attn, non-layer tensors), t=1 (mlp), gradient [0,1] (layernorms)",
+        recipe=f"""\
+slices:
+  - sources:
+      - model: <<model:{STARLING}>>
+        layer_range: [0, 32]
+      - model: <<model:{UNA_NEAR}>>
+        layer_range: [0, 32]
+merge_method: slerp
+base_model: <<model:{STARLING}>>
+parameters:
+  t:
+    - filter: self_attn
+      value: 0
+    - filter: mlp
+      value: 1
+    - value: [0, 1]
+dtype: bfloat16
+""",
+        cli=("--out-shard-size", "5M"),
+        out_shard_size=5_000_000,
+        donor=STARLING,
+        tags=("slerp",),
+    ),
+    Case(
+        name="passthrough_repeat",
+        description="passthrough repeating source layers: una [0,16) then una [8,24) (layers 8..15 twice)",
+        recipe=f"""\
+slices:
+  - sources:
+    - model: <<model:{UNA}>>
+      layer_range: [0, 16]
+  - sources:
+    - model: <<model:{UNA}>>
+      layer_range: [8, 24]
+merge_method: passthrough
+dtype: bfloat16
+""",
+        cli=("--out-shard-size", "3M"),
+        out_shard_size=3_000_000,
+        donor=UNA,
+        tags=("passthrough", "duplicates"),
+    ),
+)
+
+CASES_BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
+
+
+def mergekit_args(case: Case, recipe_path: str, out_dir: str) -> list[str]:
+    """The mergekit-yaml argument list (after the program name) that make_golden.py used."""
+    return [recipe_path, out_dir, *COMMON_CLI, *case.cli]

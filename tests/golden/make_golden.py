@@ -1,0 +1,267 @@
+"""Regenerate ``golden.json``: what mergekit 0.1.5 writes for the cases of ``cases.py``, on the CPU.
+
+Run with nyxray's venv python (mergekit itself runs from its own venv, as a subprocess)::
+
+    .venv/bin/python tests/golden/make_golden.py [--mergekit-bin /work/mk-venv/bin] [--keep DIR]
+
+Steps: build the synthetic inputs of ``cases.MODELS`` in a temporary directory, render each recipe of
+``cases.CASES`` with absolute paths, run ``mergekit-yaml`` on it (HF_HUB_OFFLINE=1, CPU), and record
+for every output: each file's size and sha256, each shard's raw safetensors header text and its
+tensors (name, dtype, shape, data offsets, sha256 of the raw bytes) in file order, the index JSON
+(text and parsed), config.json (parsed), the files copied from the donor and mergekit's warnings.
+
+mergekit picks the config/tokenizer donor from a Python set when the recipe has no base_model, so the
+choice depends on PYTHONHASHSEED. For each such case this script searches for a seed under which the
+donor is ``case.donor`` (nyxray's rule: the first source of the first slice) and records it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from tests.golden import cases as C  # noqa: E402
+
+GOLDEN_PATH = os.path.join(HERE, "golden.json")
+
+_DONOR_PROBE = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+cfg = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
+m = cfg.base_model or cfg.referenced_models()[0]
+print(m.model.path)
+"""
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_shard(path: str) -> dict:
+    """The raw header text and each tensor's (name, dtype, shape, offsets, sha256), in data order."""
+    with open(path, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header_text = data[8 : 8 + n].decode("utf-8")
+    header = json.loads(header_text)
+    body = data[8 + n :]
+    tensors = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        tensors.append(
+            {
+                "name": name,
+                "dtype": info["dtype"],
+                "shape": info["shape"],
+                "data_offsets": [start, end],
+                "sha256": hashlib.sha256(body[start:end]).hexdigest(),
+            }
+        )
+    tensors.sort(key=lambda t: (t["data_offsets"][0], t["data_offsets"][1]))
+    return {"header_len": n, "header": header_text, "metadata": header.get("__metadata__"), "tensors": tensors}
+
+
+def shard_sort_key(fname: str):
+    # model-00002-of-00005.safetensors -> 2 ; model.safetensors -> 0
+    stem = fname[: -len(".safetensors")]
+    parts = stem.split("-")
+    return (int(parts[1]) if len(parts) >= 4 else 0, fname)
+
+
+def _no_aslr_prefix() -> list[str]:
+    """``setarch <arch> -R``: without address randomisation hash(None) is fixed (Python 3.11 hashes None
+    by address, and mergekit's ModelReference hash includes a None field), so PYTHONHASHSEED alone then
+    fixes mergekit's set order. Empty if setarch is unavailable (the run is then retried instead)."""
+    setarch = shutil.which("setarch")
+    if not setarch:
+        return []
+    prefix = [setarch, os.uname().machine, "-R"]
+    try:
+        subprocess.run([*prefix, "true"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return prefix
+
+
+def pick_hash_seed(prefix: list[str], mk_python: str, recipe_path: str, want_dir: str, env: dict, base_set: bool) -> int:
+    if base_set:
+        return 0
+    for seed in range(64):
+        e = dict(env, PYTHONHASHSEED=str(seed))
+        out = subprocess.run([*prefix, mk_python, "-c", _DONOR_PROBE, recipe_path], env=e, capture_output=True, text=True, check=True)
+        if os.path.abspath(out.stdout.strip()) == os.path.abspath(want_dir):
+            return seed
+    raise RuntimeError(f"no PYTHONHASHSEED < 64 makes {want_dir} the donor for {recipe_path}")
+
+
+def collect(case: C.Case, out_dir: str, roots: dict[str, str]) -> dict:
+    files = {}
+    for fname in sorted(os.listdir(out_dir)):
+        p = os.path.join(out_dir, fname)
+        files[fname] = {"size": os.path.getsize(p), "sha256": sha256_file(p)}
+    shard_files = sorted((f for f in files if f.endswith(".safetensors")), key=shard_sort_key)
+    shards = []
+    for f in shard_files:
+        s = read_shard(os.path.join(out_dir, f))
+        s = {"file": f, **s}
+        shards.append(s)
+    index_text = None
+    index = None
+    ip = os.path.join(out_dir, "model.safetensors.index.json")
+    if os.path.exists(ip):
+        with open(ip) as fh:
+            index_text = fh.read()
+        index = json.loads(index_text)
+    with open(os.path.join(out_dir, "config.json")) as fh:
+        config_text = fh.read()
+    weight_files = set(shard_files) | {"model.safetensors.index.json", "config.json"}
+    other = [f for f in files if f not in weight_files]
+    write_order = [t["name"] for s in shards for t in s["tensors"]]
+    return {
+        "files": files,
+        "shards": shards,
+        "write_order": write_order,
+        "index_text": index_text,
+        "index": index,
+        "config": json.loads(config_text),
+        "config_text": config_text,
+        "other_files": other,
+    }
+
+
+def normalise(text: str, roots: dict[str, str]) -> str:
+    for label, root in roots.items():
+        text = text.replace(root, f"<{label}>")
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mergekit-bin", default="/work/mk-venv/bin", help="directory holding mergekit-yaml and python")
+    ap.add_argument("--out", default=GOLDEN_PATH, help="where to write golden.json")
+    ap.add_argument("--keep", default=None, help="build in this directory and keep it (default: a temp dir, removed)")
+    ap.add_argument("--cases", nargs="*", default=None, help="only these cases (plus their dependencies)")
+    args = ap.parse_args(argv)
+
+    mk_yaml = os.path.join(args.mergekit_bin, "mergekit-yaml")
+    mk_python = os.path.join(args.mergekit_bin, "python")
+    version = subprocess.run(
+        [mk_python, "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'), m.version('transformers'), m.version('safetensors'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+
+    work = os.path.abspath(args.keep) if args.keep else tempfile.mkdtemp(prefix="nyxray-golden-")
+    os.makedirs(work, exist_ok=True)
+    in_root = os.path.join(work, "in")
+    out_root = os.path.join(work, "out")
+    rec_root = os.path.join(work, "recipes")
+    for d in (out_root, rec_root):
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+    roots = {"OUT": out_root, "IN": in_root, "RECIPES": rec_root}
+
+    wanted = None
+    if args.cases:
+        wanted = set()
+        stack = list(args.cases)
+        while stack:
+            n = stack.pop()
+            if n not in wanted:
+                wanted.add(n)
+                stack.extend(C.CASES_BY_NAME[n].depends)
+
+    t0 = time.time()
+    model_dirs = C.build_inputs(in_root)
+    print(f"built {len(model_dirs)} inputs in {time.time() - t0:.1f}s", flush=True)
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    prefix = _no_aslr_prefix()
+    case_dirs: dict[str, str] = {}
+    golden_cases = {}
+    for case in C.CASES:
+        if wanted is not None and case.name not in wanted:
+            continue
+        recipe = C.render_recipe(case, model_dirs, case_dirs)
+        rp = os.path.join(rec_root, case.name + ".yml")
+        with open(rp, "w") as fh:
+            fh.write(recipe)
+        out_dir = os.path.join(out_root, case.name)
+        donor_dir = case_dirs[case.donor[5:]] if case.donor.startswith("case:") else model_dirs[case.donor]
+        seed = pick_hash_seed(prefix, mk_python, rp, donor_dir, env, base_set="\nbase_model:" in recipe)
+        with open(os.path.join(donor_dir, "tokenizer_config.json")) as fh:
+            want_source = json.load(fh).get("source")
+        cmd = [*prefix, mk_yaml, *C.mergekit_args(case, rp, out_dir)]
+        for attempt in range(12):
+            shutil.rmtree(out_dir, ignore_errors=True)
+            t1 = time.time()
+            proc = subprocess.run(cmd, env=dict(env, PYTHONHASHSEED=str(seed)), capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stdout + proc.stderr)
+                raise SystemExit(f"mergekit failed on {case.name}")
+            dt = time.time() - t1
+            # which donor's tokenizer files were copied (the synthetic tokenizer_config.json names its model)
+            with open(os.path.join(out_dir, "tokenizer_config.json")) as fh:
+                donor_seen = json.load(fh).get("source")
+            if donor_seen == want_source:
+                break
+            print(f"{case.name}: donor was {donor_seen!r}, not {want_source!r}; rerunning", flush=True)
+        else:
+            raise SystemExit(f"{case.name}: could not get donor {donor_dir}")
+        case_dirs[case.name] = out_dir
+        data = collect(case, out_dir, roots)
+        warnings = [normalise(line, roots) for line in (proc.stdout + proc.stderr).splitlines() if "WARNING" in line or "warn" in line.lower()]
+        golden_cases[case.name] = {
+            "description": case.description,
+            "recipe": case.recipe,
+            "cli": list(C.COMMON_CLI) + list(case.cli),
+            "out_shard_size": case.out_shard_size,
+            "depends": list(case.depends),
+            "donor": case.donor,
+            "pythonhashseed": seed,
+            "warnings": warnings,
+            **data,
+        }
+        n_sh = len(data["shards"])
+        print(f"{case.name}: {n_sh} shard(s), {len(data['write_order'])} tensors, {dt:.1f}s (PYTHONHASHSEED={seed})", flush=True)
+
+    golden = {
+        "generator": "tests/golden/make_golden.py",
+        "mergekit": version[0],
+        "torch": version[1],
+        "transformers": version[2],
+        "safetensors": version[3],
+        "device": "cpu",
+        "shape": C.SHAPE.__dict__,
+        "input_shard_bytes": C.INPUT_SHARD_BYTES,
+        "cases": golden_cases,
+    }
+    with open(args.out, "w") as fh:
+        json.dump(golden, fh, indent=1)
+        fh.write("\n")
+    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes) in {time.time() - t0:.1f}s")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
