@@ -116,16 +116,22 @@ def run_plan(p: Plan, targets: list[tuple[Location, Any]], *, pipeline_text: str
     for loc, stage in targets:
         c = claim(loc, stage, overwrite)
         claims.append(c)
-        if not c.complete:
-            units += [Unit(loc, f"{loc.display}/", sh, c.records.get(sh.name)) for sh in stage.shards]
+        # A complete output is still checked shard by shard: a damaged one is rewritten.
+        units += [Unit(loc, f"{loc.display}/", sh, c.records.get(sh.name)) for sh in stage.shards]
     records: dict[str, dict[str, dict]] = {loc.display: {} for loc, _ in targets}
     results: list[UnitResult] = []
+    reread_saved: list[int] = []
+
+    done: list[tuple[str, UnitResult]] = []
 
     def on_result(unit: Unit, result: UnitResult) -> None:
         results.append(result)
+        done.append((unit.out.display, result))
         rec = {"size": result.size, "sha256": result.sha256, "tensors": result.tensors}
         records[unit.out.display][unit.shard.name] = rec
-        if not result.reused:
+        if result.reused:
+            reread_saved.append(unit.read_bytes)
+        else:
             record_shard(unit.out, unit.shard.name, **rec)
 
     todo_read = sum(u.read_bytes for u in units if u.expected is None)
@@ -139,8 +145,9 @@ def run_plan(p: Plan, targets: list[tuple[Location, Any]], *, pipeline_text: str
 
         workers = run_ray(units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus) if units else []
     bar.render(final=True)
+    redone = {where for where, r in done if not r.reused}
     for (loc, stage), c in zip(targets, claims):
-        if not c.complete:
+        if not c.complete or loc.display in redone:
             finalize(loc, stage, records[loc.display], pipeline_text if stage is p.final else stage.recipe.text, copy_tokenizer, write_model_card)
     wall = time.monotonic() - started
     busy = [w["bytes_read"] + w["bytes_written"] for w in workers if w["units"]]
@@ -156,7 +163,7 @@ def run_plan(p: Plan, targets: list[tuple[Location, Any]], *, pipeline_text: str
         "tensors": sum(len(st.tensors) for _, st in targets),
         "shards": sum(len(st.shards) for _, st in targets),
         "shards_reused": len(reused),
-        "bytes_not_reread": sum(u.read_bytes for u in units if any(r.path == u.shard.name and r.reused for r in reused)),
+        "bytes_not_reread": sum(reread_saved),
         "already_complete": all(c.complete for c in claims),
         "throughput_mb_s": round((sum(r.bytes_read + r.bytes_written for r in results)) / max(wall, 1e-9) / 1e6, 1),
         "actors": workers,

@@ -1,0 +1,68 @@
+"""Human-readable views of a plan and a report (what ``nyxray plan`` and ``nyxray merge`` print)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .execute.progress import human
+from .plan import Plan
+
+
+def _group(name: str) -> str:
+    """Tensor group for the t table: layer numbers folded (``model.layers.*.mlp.up_proj.weight``)."""
+    return re.sub(r"\.layers\.\d+\.", ".layers.*.", name)
+
+
+def plan_text(p: Plan) -> str:
+    lines = []
+    if len(p.stages) > 1:
+        lines.append("stages (fused into one pass; a stage is written only with --intermediates):")
+        for st in p.stages:
+            lines.append(f"  {st.name or '<final>'}: {st.recipe.merge_method}, {len(st.tensors)} tensors, {human(st.bytes_written)}")
+        staged_read = sum(st.staged_read_bytes for st in p.stages)
+        staged_write = sum(st.bytes_written for st in p.stages)
+        lines.append(f"  fused:  read {human(p.bytes_read_min())}, write {human(p.final.bytes_written)}")
+        lines.append(f"  staged: read {human(staged_read)}, write {human(staged_write)} (each stage run on its own)")
+    final = p.final
+    ops: dict[str, int] = {}
+    for t in final.tensors:
+        ops[t.op] = ops.get(t.op, 0) + 1
+    lines.append(f"output: {len(final.tensors)} tensors ({', '.join(f'{v} {k}' for k, v in sorted(ops.items()))}), "
+                 f"{len(final.shards)} shard(s), {human(final.bytes_written)} to write, "
+                 f"{final.config.get(final.donor.arch.layers_key)} layers, config and tokenizer from {final.donor.ref!r}")
+    lines.append("shards:")
+    for sh in final.shards:
+        lines.append(f"  {sh.name}: {len(sh.tensors)} tensors, {human(sh.size)}  ({sh.tensors[0].name} .. {sh.tensors[-1].name})")
+    lines.append("bytes to read per source:")
+    for model, n in p.read_bytes_by_source().items():
+        lines.append(f"  {model}: {human(n)}")
+    lines.append(f"  total: {human(p.bytes_read_min())} (+ {human(p.header_bytes)} of headers, already read)")
+    groups: dict[tuple[str, str], list[float]] = {}
+    for t in final.tensors:
+        if t.t is not None:
+            groups.setdefault((_group(t.name), t.t_source or ""), []).append(t.t)
+    if groups:
+        lines.append("t per tensor group:")
+        for (g, src), ts in sorted(groups.items()):
+            rng = f"{ts[0]:.6g}" if min(ts) == max(ts) else f"{ts[0]:.6g} .. {ts[-1]:.6g} (by layer)"
+            lines.append(f"  {g}: {rng}  [{src}]")
+    for w in p.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def report_text(r: dict[str, Any]) -> str:
+    lines = [
+        f"merged into {r['output']} in {r['wall_s']:.1f}s: {r['shards']} shard(s), {r['tensors']} tensors"
+        + (f", {r['shards_reused']} shard(s) reused" if r.get("shards_reused") else ""),
+        f"read {human(r['bytes_read'])} (plan minimum {human(r['bytes_read_min'])} + headers), wrote {human(r['bytes_written'])}, "
+        f"{r['throughput_mb_s']} MB/s",
+    ]
+    for a in r.get("actors", []):
+        if a["units"]:
+            lines.append(f"  actor {a['actor']} on {str(a['node_id'])[:12]} ({a['device']}): {a['units']} shard(s), "
+                         f"read {human(a['bytes_read'])}, wrote {human(a['bytes_written'])}, busy {a['busy_s']:.1f}s")
+    for w in r.get("warnings", []):
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)

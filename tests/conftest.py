@@ -1,0 +1,48 @@
+"""Shared fixtures: one Ray cluster (head + 2 worker nodes on this machine) for the whole session,
+the synthetic Nyxene source models, and (from conftest_s3) a real S3 server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from nyxray.synthetic import ModelShape, make_nyxene_sources
+
+SHAPE = ModelShape(hidden=128, intermediate=256, layers=32, vocab=9000, heads=4, kv_heads=2)
+INPUT_SHARD_BYTES = 3_000_000
+
+
+@pytest.fixture(scope="session")
+def nyxene_sources(tmp_path_factory) -> str:
+    """The four Nyxene source models as small random stand-ins, laid out as ROOT/org/name."""
+    root = str(tmp_path_factory.mktemp("sources"))
+    make_nyxene_sources(root, SHAPE, INPUT_SHARD_BYTES)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real multi-node Ray cluster on this machine: a head and two worker nodes, 1 CPU each
+    worker, all on 127.0.0.1. Started once; every Ray test runs on it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False, "resources": {"head": 1}},
+    )
+    for i in range(2):
+        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", resources={f"worker{i}": 1})
+    cluster.wait_for_nodes(timeout=60)
+    ray.init(address=cluster.address, logging_level="WARNING")
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
