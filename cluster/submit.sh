@@ -10,9 +10,10 @@ usage() {
 usage: $PROG [options] merge|sweep RECIPE OUT [nyxray options...]
 
 Submits 'nyxray merge|sweep RECIPE OUT ...' as a Ray job and follows its logs.
-The recipe's directory is uploaded as the job's working_dir (model weights,
-.git and virtualenvs excluded); RECIPE may also be a URL, passed unchanged.
-OUT and model locations must be URLs the cluster can reach (s3://..., hf://...).
+RECIPE is a local file: its directory is uploaded as the job's working_dir
+(model weights, .git and virtualenvs excluded), so a sweep's member recipes
+next to it travel too.  OUT and model locations must be URLs the cluster can
+reach (s3://..., hf://...): local paths would be paths on the cluster's nodes.
 Everything after OUT goes to nyxray unchanged, e.g.
   --device cuda --actors 4 --actor-gpus 1 --models-root s3://bucket/models
 
@@ -20,8 +21,8 @@ options (before merge|sweep):
   --address URL        Ray dashboard / job server address
                        (default: \$RAY_API_SERVER_ADDRESS, \$RAY_ADDRESS,
                        else http://127.0.0.1:8265, as opened by 'ray dashboard')
-  --working-dir DIR    upload DIR instead of the recipe's directory; RECIPE is
-                       then given relative to DIR
+  --working-dir DIR    upload DIR (which must contain RECIPE) instead of the
+                       recipe's directory
   --pip SPEC           also pip-install SPEC in the job's runtime env
                        (repeatable; for clusters without nyxray preinstalled)
   --env NAME           pass the local variable NAME to the job (repeatable)
@@ -96,30 +97,18 @@ PYTHON=${PYTHON:-python3}
 command -v "$PYTHON" >/dev/null 2>&1 || { echo "$PROG: $PYTHON not found (set PYTHON=...)" >&2; exit 2; }
 command -v ray >/dev/null 2>&1 || { echo "$PROG: 'ray' not found on PATH (pip install 'ray[default]')" >&2; exit 2; }
 
-# Where the job runs, and how it names the recipe there.
-JOB_RECIPE=$RECIPE
-case "$RECIPE" in
-  *://*)
-    # A URL: nyxray reads it itself; upload only an explicit --working-dir.
-    ;;
-  *)
-    [ -f "$RECIPE" ] || die_usage "recipe not found: $RECIPE"
-    recipe_abs="$(cd "$(dirname "$RECIPE")" && pwd -P)/$(basename "$RECIPE")"
-    if [ -z "$WORKING_DIR" ]; then
-      WORKING_DIR=$(dirname "$recipe_abs")
-    fi
-    [ -d "$WORKING_DIR" ] || die_usage "working dir not found: $WORKING_DIR"
-    WORKING_DIR=$(cd "$WORKING_DIR" && pwd -P)
-    case "$recipe_abs" in
-      "$WORKING_DIR"/*) JOB_RECIPE=${recipe_abs#"$WORKING_DIR"/} ;;
-      *) die_usage "recipe $RECIPE is not inside working dir $WORKING_DIR" ;;
-    esac
-    ;;
-esac
-if [ -n "$WORKING_DIR" ]; then
-  [ -d "$WORKING_DIR" ] || die_usage "working dir not found: $WORKING_DIR"
-  WORKING_DIR=$(cd "$WORKING_DIR" && pwd -P)
+# The recipe travels in the job's working_dir; name it relative to that.
+[ -f "$RECIPE" ] || die_usage "recipe not found: $RECIPE (a local file)"
+recipe_abs="$(cd "$(dirname "$RECIPE")" && pwd -P)/$(basename "$RECIPE")"
+if [ -z "$WORKING_DIR" ]; then
+  WORKING_DIR=$(dirname "$recipe_abs")
 fi
+[ -d "$WORKING_DIR" ] || die_usage "working dir not found: $WORKING_DIR"
+WORKING_DIR=$(cd "$WORKING_DIR" && pwd -P)
+case "$recipe_abs" in
+  "$WORKING_DIR"/*) JOB_RECIPE=${recipe_abs#"$WORKING_DIR"/} ;;
+  *) die_usage "recipe $RECIPE is not inside working dir $WORKING_DIR" ;;
+esac
 
 if [ -z "$ADDRESS" ] && [ -z "${RAY_API_SERVER_ADDRESS:-}" ] && [ -z "${RAY_ADDRESS:-}" ]; then
   ADDRESS="http://127.0.0.1:8265"
