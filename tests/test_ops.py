@@ -1,0 +1,72 @@
+"""SLERP against an independent float64 reference, and its edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nyxray.ops import COLINEAR, slerp
+
+
+def reference(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Textbook SLERP in float64 on flattened vectors (lerp when nearly colinear)."""
+    x, y = a.double().reshape(-1), b.double().reshape(-1)
+    nx, ny = x.norm(), y.norm()
+    d = float(torch.dot(x / nx, y / ny).clamp(-1, 1))
+    if abs(d) > COLINEAR:
+        return ((1 - t) * x + t * y).reshape(a.shape)
+    th = math.acos(d)
+    return ((math.sin((1 - t) * th) * x + math.sin(t * th) * y) / math.sin(th)).reshape(a.shape)
+
+
+@pytest.mark.parametrize("shape", [(257, 129), (3000, 700)])  # the second spans two 2**20 chunks
+@pytest.mark.parametrize("t", [0.13, 0.5, 0.8712])
+def test_slerp_matches_float64_reference(shape, t):
+    g = torch.Generator().manual_seed(hash((shape, t)) % 2**31)
+    a = (0.02 * torch.randn(shape, generator=g)).bfloat16()
+    b = (0.02 * torch.randn(shape, generator=g)).bfloat16()
+    ref = reference(a, b, t)
+    exact = slerp(a, b, t, torch.float32)  # the arithmetic alone, before rounding to bf16
+    assert (exact.double() - ref).norm() / ref.norm() < 1e-6
+    out = slerp(a, b, t, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.shape == a.shape
+    # stored in bf16: within bf16's own rounding of the exact value (relative 2**-8 per element)
+    assert (out.double() - ref).norm() / ref.norm() < 3e-3
+    # each element is the float32 result rounded to nearest: never further than half a bf16 ulp
+    assert ((out.double() - exact.double()).abs() <= exact.double().abs() * 2**-8).all()
+    # and it is a real interpolation, not a copy of either input
+    assert not torch.equal(out, a) and not torch.equal(out, b)
+
+
+def test_t0_gives_base_and_t1_gives_other():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(1000, 33, generator=g).bfloat16()
+    b = torch.randn(1000, 33, generator=g).bfloat16()
+    assert torch.equal(slerp(a, b, 0.0, torch.bfloat16), a)
+    assert torch.equal(slerp(a, b, 1.0, torch.bfloat16), b)
+
+
+def test_colinear_inputs_take_the_lerp_branch():
+    g = torch.Generator().manual_seed(2)
+    a = (1 + 0.001 * torch.randn(4096, generator=g)).float()
+    b = 1.5 * a  # same direction, different norm: slerp would keep the unnormalised lerp
+    out = slerp(a, b, 0.25, torch.float32)
+    assert torch.allclose(out, 0.75 * a + 0.25 * b, rtol=1e-6, atol=0)
+
+
+def test_zero_norm_tensor_is_not_divided():
+    a = torch.zeros(64)
+    b = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    out = slerp(a, b, 0.5, torch.float32)
+    assert torch.isfinite(out).all()
+    # cos = 0 with a zero vector: theta = pi/2, coefficients sin(pi/4)/1 each
+    assert torch.allclose(out, math.sin(math.pi / 4) * b, rtol=1e-6)
+
+
+def test_antiparallel_is_lerp_not_nan():
+    a = torch.randn(100, generator=torch.Generator().manual_seed(4))
+    out = slerp(a, -a, 0.3, torch.float32)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, 0.7 * a - 0.3 * a, atol=1e-6)
