@@ -6,21 +6,18 @@ recipe -> plan (headers only) -> claim the output -> work units -> executor -> c
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
-from .commit import claim, finalize, record_shard
 from .commit import verify as verify_output
+from .driver import Target, balance, pipeline_text, run_targets, target_report, write_report
 from .errors import NyxrayError
-from .execute.progress import Progress
-from .execute.unit import Unit, UnitResult
 from .models import Resolver
 from .plan import Plan, parse_size
 from .plan import plan as make_plan
 from .recipe import Recipe, load_pipeline
-from .storage import Location, location
+from .storage import location
 
 DEVICES = ("auto", "cpu", "cuda")
 EXECUTORS = ("ray", "local")
@@ -92,89 +89,36 @@ def merge(
     recipes = load_pipeline(recipe)
     p = plan(recipes, out_shard_size=out_shard_size, models=models, models_root=models_root, storage_options=storage_options,
              allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings)
-    targets = [(location(out, storage_options), p.final)]
+    targets = [Target(location(out, storage_options), p.final, pipeline_text(recipes))]
     if intermediates:
         root = location(intermediates, storage_options)
-        targets = [(root.child(st.name), st) for st in p.stages[:-1]] + targets
-    return run_plan(p, targets, pipeline_text=_pipeline_text(recipes), device=device, copy_tokenizer=copy_tokenizer,
-                    write_model_card=write_model_card, overwrite=overwrite, executor=executor, address=address, actors=actors,
-                    actor_cpus=actor_cpus, actor_gpus=actor_gpus, progress=progress, report=report, started=started)
-
-
-def _pipeline_text(recipes: list[Recipe]) -> str:
-    if len(recipes) == 1:
-        return recipes[0].text
-    return "---\n".join(r.text if r.text.endswith("\n") else r.text + "\n" for r in recipes)
-
-
-def run_plan(p: Plan, targets: list[tuple[Location, Any]], *, pipeline_text: str, device: str, copy_tokenizer: bool, write_model_card: bool,
-             overwrite: bool, executor: str, address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float | None,
-             progress: bool, report: str | None, started: float) -> dict[str, Any]:
-    """Execute a plan into its target locations (stage plans with where each goes) and commit."""
-    units: list[Unit] = []
-    claims = []
-    for loc, stage in targets:
-        c = claim(loc, stage, overwrite)
-        claims.append(c)
-        # A complete output is still checked shard by shard: a damaged one is rewritten.
-        units += [Unit(loc, f"{loc.display}/", sh, c.records.get(sh.name)) for sh in stage.shards]
-    records: dict[str, dict[str, dict]] = {loc.display: {} for loc, _ in targets}
-    results: list[UnitResult] = []
-    reread_saved: list[int] = []
-
-    done: list[tuple[str, UnitResult]] = []
-
-    def on_result(unit: Unit, result: UnitResult) -> None:
-        results.append(result)
-        done.append((unit.out.display, result))
-        rec = {"size": result.size, "sha256": result.sha256, "tensors": result.tensors}
-        records[unit.out.display][unit.shard.name] = rec
-        if result.reused:
-            reread_saved.append(unit.read_bytes)
-        else:
-            record_shard(unit.out, unit.shard.name, **rec)
-
-    todo_read = sum(u.read_bytes for u in units if u.expected is None)
-    bar = Progress(len(units), todo_read, sum(u.shard.size for u in units), enabled=progress)
-    if executor == "local":
-        from .execute.local import execute as run_local
-
-        workers = run_local(units, device, bar, on_result)
-    else:
-        from .execute.ray_exec import execute as run_ray
-
-        workers = run_ray(units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus) if units else []
-    bar.render(final=True)
-    redone = {where for where, r in done if not r.reused}
-    for (loc, stage), c in zip(targets, claims):
-        if not c.complete or loc.display in redone:
-            finalize(loc, stage, records[loc.display], pipeline_text if stage is p.final else stage.recipe.text, copy_tokenizer, write_model_card)
+        targets = [Target(root.child(st.name), st, st.recipe.text) for st in p.stages[:-1]] + targets
+    workers, _ = run_targets(targets, device=device, overwrite=overwrite, executor=executor, progress=progress,
+                             copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, address=address,
+                             actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
+    parts = [target_report(tg) for tg in targets]
     wall = time.monotonic() - started
-    busy = [w["bytes_read"] + w["bytes_written"] for w in workers if w["units"]]
-    reused = [r for r in results if r.reused]
-    out = {
-        "output": targets[-1][0].display,
+    moved = sum(x["bytes_read_tensors"] + x["bytes_written"] for x in parts)
+    result = {
+        **parts[-1],
         "wall_s": round(wall, 3),
-        "bytes_read": sum(r.bytes_read for r in results) + p.header_bytes,
-        "bytes_read_tensors": sum(r.bytes_read for r in results),
+        "bytes_read": sum(x["bytes_read_tensors"] for x in parts) + p.header_bytes,
+        "bytes_read_tensors": sum(x["bytes_read_tensors"] for x in parts),
         "bytes_read_headers": p.header_bytes,
-        "bytes_read_min": p.bytes_read_min(intermediates=len(targets) > 1),
-        "bytes_written": sum(r.bytes_written for r in results),
-        "tensors": sum(len(st.tensors) for _, st in targets),
-        "shards": sum(len(st.shards) for _, st in targets),
-        "shards_reused": len(reused),
-        "bytes_not_reread": sum(reread_saved),
-        "already_complete": all(c.complete for c in claims),
-        "throughput_mb_s": round((sum(r.bytes_read + r.bytes_written for r in results)) / max(wall, 1e-9) / 1e6, 1),
+        "bytes_read_min": p.bytes_read_min(intermediates=bool(intermediates)),
+        "bytes_written": sum(x["bytes_written"] for x in parts),
+        "shards_reused": sum(x["shards_reused"] for x in parts),
+        "bytes_not_reread": sum(x["bytes_not_reread"] for x in parts),
+        "throughput_mb_s": round(moved / max(wall, 1e-9) / 1e6, 1),
         "actors": workers,
-        "balance": round(max(busy) / (sum(busy) / len(busy)), 3) if busy else 1.0,
+        "balance": balance(workers),
         "warnings": p.warnings,
         "stages": [st.name or "<final>" for st in p.stages],
     }
-    if report:
-        with open(report, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
-    return out
+    if intermediates:
+        result["intermediates"] = parts[:-1]
+    write_report(result, report)
+    return result
 
 
 def verify(out: str, storage_options: dict[str, Any] | None = None) -> list[str]:

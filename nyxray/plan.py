@@ -374,9 +374,14 @@ def plan(
     out_shard_size: int | str = "5B",
     allow_crimes: bool = False,
     unsafe_truncate_embeddings: bool = False,
+    model_cache: dict[str, Model] | None = None,
 ) -> Plan:
-    """Plan a recipe or pipeline: read every source model's headers, then plan each stage."""
+    """Plan a recipe or pipeline: read every source model's headers, then plan each stage.
+
+    ``model_cache`` (reference -> Model) lets several plans (a sweep's members) share header reads.
+    """
     resolver = resolver or Resolver()
+    cache = model_cache if model_cache is not None else {}
     size = parse_size(out_shard_size)
     stage_names = [r.name for r in recipes if r.name]
     ordered = _stage_order(recipes)
@@ -393,7 +398,9 @@ def plan(
                 raise RecipeError(path, f"stage {ref!r} is used before it is defined", recipe.origin)
             if ref not in sources:
                 try:
-                    sources[ref] = load_model(ref, resolver.locate(ref))
+                    if ref not in cache:
+                        cache[ref] = load_model(ref, resolver.locate(ref))
+                    sources[ref] = cache[ref]
                 except NyxrayError as e:
                     hint = did_you_mean(ref, stage_names) if stage_names else ""
                     if hint:

@@ -33,12 +33,15 @@ class Unit:
 
     ``expected`` is the record of an earlier run's copy of this shard (size, sha256, tensors): if
     the file is still there with exactly those bytes it is reused instead of recomputed.
+    ``siblings`` are shards of other outputs with the same tensors in the same file order (a
+    sweep's members): they are computed in the same pass, so each input byte is read once for all.
     """
 
     out: Location
     label: str
     shard: ShardPlan
     expected: dict | None = None
+    siblings: list["Unit"] = field(default_factory=list)
 
     @property
     def path(self) -> str:
@@ -46,7 +49,12 @@ class Unit:
 
     @property
     def read_bytes(self) -> int:
-        return sum(leaf.end - leaf.start for t in self.shard.tensors for leaf in set(leaves(t.expr)))
+        uniq = {leaf for u in [self, *self.siblings] for t in u.shard.tensors for leaf in leaves(t.expr)}
+        return sum(leaf.end - leaf.start for leaf in uniq)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(u.shard.size for u in [self, *self.siblings])
 
 
 @dataclass
@@ -62,19 +70,7 @@ class UnitResult:
     busy_s: float
     reused: bool = False
     worker: dict = field(default_factory=dict)
-
-
-def _batches(shard: ShardPlan) -> list[list]:
-    out: list[list] = [[]]
-    size = 0
-    for t in shard.in_file_order():
-        n = sum(leaf.end - leaf.start for leaf in leaves(t.expr))
-        if out[-1] and size + n > BATCH_BYTES:
-            out.append([])
-            size = 0
-        out[-1].append(t)
-        size += n
-    return [b for b in out if b]
+    siblings: list["UnitResult"] = field(default_factory=list)
 
 
 def _reusable(unit: Unit) -> UnitResult | None:
@@ -90,82 +86,124 @@ def _reusable(unit: Unit) -> UnitResult | None:
     return UnitResult(unit.path, exp["size"], exp["sha256"], exp["tensors"], 0, 0, 0.0, reused=True)
 
 
+class _ShardStream:
+    """Writes one shard from a bounded queue on its own thread, hashing as it goes."""
+
+    def __init__(self, unit: Unit, on_progress: Callable[[int, int], None] | None):
+        self.unit, self.on_progress = unit, on_progress
+        self.writer = unit.out.open_atomic(unit.path)
+        self.file_hash = hashlib.sha256()
+        self.tensor_hashes: dict[str, str] = {}
+        self.q: "queue.Queue[tuple[str, object] | None]" = queue.Queue(maxsize=WRITE_QUEUE)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="nyxray-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        try:
+            self._write("", self.unit.shard.header)
+            while (item := self.q.get()) is not None:
+                self._write(*item)  # type: ignore[arg-type]
+        except BaseException as e:  # noqa: BLE001 - surfaced by put() / close()
+            self.error = e
+            while self.q.get() is not None:  # drain so the producer never blocks
+                pass
+
+    def _write(self, name: str, data) -> None:
+        self.writer.write(data)
+        self.file_hash.update(data)
+        if name:
+            self.tensor_hashes[name] = hashlib.sha256(data).hexdigest()
+            if self.on_progress:
+                self.on_progress(0, len(data))
+
+    def put(self, name: str, data: memoryview) -> None:
+        if self.error:
+            raise self.error
+        self.q.put((name, data))
+
+    def close(self) -> None:
+        """Finish the stream: wait for the writer; raise its error, if any."""
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+        if self.error:
+            raise self.error
+
+    def commit(self) -> UnitResult:
+        self.close()
+        self.writer.commit()
+        w = self.writer.written
+        return UnitResult(self.unit.path, w, self.file_hash.hexdigest(), self.tensor_hashes, 0, w, 0.0)
+
+    def discard(self) -> None:
+        try:
+            self.close()
+        except BaseException:  # noqa: BLE001 - already failing; the first error is the one reported
+            pass
+        self.writer.discard()
+
+
+def _batches(rows: list[list]) -> list[list[list]]:
+    """Group rows (the same tensor position across outputs) into read batches of ~BATCH_BYTES."""
+    out: list[list[list]] = [[]]
+    size = 0
+    for row in rows:
+        n = sum(leaf.end - leaf.start for leaf in {l for t in row for l in leaves(t.expr)})
+        if out[-1] and size + n > BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(row)
+        size += n
+    return [b for b in out if b]
+
+
 def run_unit(unit: Unit, device: str = "cpu", on_progress: Callable[[int, int], None] | None = None) -> UnitResult:
-    """Produce one shard at ``unit.out``/``unit.path`` and return its manifest.
+    """Produce the unit's shard (and its siblings') and return the manifest(s).
 
     ``on_progress(bytes_read, bytes_written)`` is called as data moves (for the progress bar).
     """
     started = time.monotonic()
-    reused = _reusable(unit)
-    if reused is not None:
-        return reused
-    out = unit.out
-    shard = unit.shard
-    batches = _batches(shard)
+    members = [unit, *unit.siblings]
+    results: list[UnitResult | None] = [_reusable(u) for u in members]
+    todo = [u for u, r in zip(members, results) if r is None]
     fetched_total = 0
+    if todo:
+        orders = [u.shard.in_file_order() for u in todo]
+        rows = [list(r) for r in zip(*orders)]
 
-    def fetch(batch: list) -> tuple[dict, int]:
-        uniq = list(dict.fromkeys(leaf for t in batch for leaf in leaves(t.expr)))
-        data, fetched = read_ranges([Range(l.loc, l.file, l.start, l.end) for l in uniq])
-        if on_progress:
-            on_progress(fetched, 0)
-        return {l.key: d for l, d in zip(uniq, data)}, fetched
+        def fetch(batch: list[list]) -> dict:
+            uniq = list(dict.fromkeys(leaf for row in batch for t in row for leaf in leaves(t.expr)))
+            data, fetched = read_ranges([Range(l.loc, l.file, l.start, l.end) for l in uniq])
+            if on_progress:
+                on_progress(fetched, 0)
+            return {"data": {l.key: d for l, d in zip(uniq, data)}, "fetched": fetched}
 
-    writer = out.open_atomic(unit.path)
-    file_hash = hashlib.sha256()
-    tensor_hashes: dict[str, str] = {}
-    q: "queue.Queue[tuple[str, object] | None]" = queue.Queue(maxsize=WRITE_QUEUE)
-    write_error: list[BaseException] = []
-
-    def write_loop() -> None:
+        streams: list[_ShardStream] = []
         try:
-            writer.write(shard.header)
-            file_hash.update(shard.header)
-            while (item := q.get()) is not None:
-                name, data = item
-                writer.write(data)  # type: ignore[arg-type]
-                file_hash.update(data)  # type: ignore[arg-type]
-                tensor_hashes[name] = hashlib.sha256(data).hexdigest()  # type: ignore[arg-type]
-                if on_progress:
-                    on_progress(0, len(data))  # type: ignore[arg-type]
-        except BaseException as e:  # noqa: BLE001 - surfaced to the unit's caller below
-            write_error.append(e)
-            while q.get() is not None:  # drain so the producer never blocks
-                pass
-
-    wthread = threading.Thread(target=write_loop, name="nyxray-writer", daemon=True)
-    wthread.start()
-    try:
-        with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="nyxray-read") as pool:
-            pending: list[Future] = [pool.submit(fetch, b) for b in batches[:PREFETCH]]
-            for i, batch in enumerate(batches):
-                data, fetched = pending[i].result()
-                fetched_total += fetched
-                if i + PREFETCH < len(batches):
-                    pending.append(pool.submit(fetch, batches[i + PREFETCH]))
-                for t in batch:
-                    if write_error:
-                        raise write_error[0]
-                    q.put((t.name, to_bytes(evaluate(t.expr, data, device))))
-                pending[i] = None  # type: ignore[call-overload]  # free the batch's buffers
-                del data
-        q.put(None)
-        wthread.join()
-        if write_error:
-            raise write_error[0]
-        writer.commit()
-    except BaseException:
-        if wthread.is_alive():
-            q.put(None)  # the writer drains the queue after an error, or ends at this marker
-            wthread.join()
-        writer.discard()
-        raise
-    return UnitResult(
-        path=unit.path,
-        size=writer.written,
-        sha256=file_hash.hexdigest(),
-        tensors=tensor_hashes,
-        bytes_read=fetched_total,
-        bytes_written=writer.written,
-        busy_s=time.monotonic() - started,
-    )
+            streams = [_ShardStream(u, on_progress) for u in todo]
+            batches = _batches(rows)
+            with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="nyxray-read") as pool:
+                pending: list[Future | None] = [pool.submit(fetch, b) for b in batches[:PREFETCH]]
+                for i, batch in enumerate(batches):
+                    got = pending[i].result()  # type: ignore[union-attr]
+                    pending[i] = None  # free the batch's buffers once computed
+                    fetched_total += got["fetched"]
+                    if i + PREFETCH < len(batches):
+                        pending.append(pool.submit(fetch, batches[i + PREFETCH]))
+                    for row in batch:
+                        for stream, t in zip(streams, row):
+                            stream.put(t.name, to_bytes(evaluate(t.expr, got["data"], device)))
+                    del got
+            done = iter(s.commit() for s in streams)
+            results = [r if r is not None else next(done) for r in results]
+        except BaseException:
+            for s in streams:
+                s.discard()
+            raise
+    first = results[0]
+    assert first is not None
+    first.bytes_read = fetched_total  # shared reads are counted once, on the primary shard
+    first.busy_s = time.monotonic() - started
+    first.siblings = [r for r in results[1:] if r is not None]
+    return first

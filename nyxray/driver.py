@@ -1,0 +1,126 @@
+"""The driver's steps after planning: claim outputs, make work units, run them, commit.
+
+Used by single merges (one target, or one per pipeline stage with ``--intermediates``) and by
+sweeps (one target per member). With ``share_reads`` the units of different targets that write
+the same tensors in the same order are fused into one unit with siblings, so each input byte is
+read once for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .commit import Claim, claim, finalize, record_shard
+from .execute.progress import Progress
+from .execute.unit import Unit, UnitResult
+from .graph import leaves
+from .plan import StagePlan
+from .recipe import Recipe
+from .storage import Location
+
+
+@dataclass
+class Target:
+    """One model to write: a stage plan, where it goes, and the recipe text for its card."""
+
+    loc: Location
+    stage: StagePlan
+    text: str
+    results: list[UnitResult] = field(default_factory=list)
+    claim: Claim | None = None
+
+
+def _signature(unit: Unit) -> tuple:
+    return (unit.shard.name, tuple((e.name, e.dtype, e.shape) for e in unit.shard.entries))
+
+
+def make_units(targets: list[Target], overwrite: bool, share_reads: bool) -> list[Unit]:
+    """Claim every target's location (refusing what must not be touched) and build the units."""
+    units: list[Unit] = []
+    for tg in targets:
+        tg.claim = claim(tg.loc, tg.stage, overwrite)
+        # A complete output is still checked shard by shard: a damaged one is rewritten.
+        units += [Unit(tg.loc, f"{tg.loc.display}/", sh, tg.claim.records.get(sh.name)) for sh in tg.stage.shards]
+    if not share_reads:
+        return units
+    groups: dict[tuple, Unit] = {}
+    for u in units:
+        head = groups.setdefault(_signature(u), u)
+        if head is not u:
+            head.siblings.append(u)
+    return list(groups.values())
+
+
+def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor: str, progress: bool, copy_tokenizer: bool,
+                write_model_card: bool, share_reads: bool = False, address: str | None = None, actors: int | None = None,
+                actor_cpus: float = 1.0, actor_gpus: float | None = None) -> tuple[list[dict], float]:
+    """Run and commit every target; returns (per-actor summaries, seconds spent)."""
+    started = time.monotonic()
+    units = make_units(targets, overwrite, share_reads)
+    by_loc = {tg.loc.display: tg for tg in targets}
+
+    def on_result(unit: Unit, result: UnitResult) -> None:
+        for u, r in zip([unit, *unit.siblings], [result, *result.siblings]):
+            tg = by_loc[u.out.display]
+            tg.results.append(r)
+            if not r.reused:
+                record_shard(u.out, u.shard.name, r.size, r.sha256, r.tensors)
+
+    pending = [u for u in units if u.expected is None]
+    bar = Progress(len(units), sum(u.read_bytes for u in pending), sum(u.write_bytes for u in units), enabled=progress)
+    if not units:
+        workers: list[dict] = []
+    elif executor == "local":
+        from .execute.local import execute as run_local
+
+        workers = run_local(units, device, bar, on_result)
+    else:
+        from .execute.ray_exec import execute as run_ray
+
+        workers = run_ray(units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
+    bar.render(final=True)
+    for tg in targets:
+        assert tg.claim is not None
+        if not tg.claim.complete or any(not r.reused for r in tg.results):
+            records = {r.path: {"size": r.size, "sha256": r.sha256, "tensors": r.tensors} for r in tg.results}
+            finalize(tg.loc, tg.stage, records, tg.text, copy_tokenizer, write_model_card)
+    return workers, time.monotonic() - started
+
+
+def target_report(tg: Target) -> dict[str, Any]:
+    """Per-output numbers for the report."""
+    reused = [r for r in tg.results if r.reused]
+    shards = {s.name: s for s in tg.stage.shards}
+    saved = sum(leaf.end - leaf.start for r in reused for leaf in {l for t in shards[r.path].tensors for l in leaves(t.expr)})
+    return {
+        "output": tg.loc.display,
+        "tensors": len(tg.stage.tensors),
+        "shards": len(tg.stage.shards),
+        "shards_reused": len(reused),
+        "bytes_not_reread": saved,
+        "bytes_read_tensors": sum(r.bytes_read for r in tg.results),
+        "bytes_written": sum(r.bytes_written for r in tg.results),
+        "already_complete": bool(tg.claim and tg.claim.complete and not any(not r.reused for r in tg.results)),
+    }
+
+
+def pipeline_text(recipes: list[Recipe]) -> str:
+    """The recipe text a model card carries: the document, or every stage of a pipeline."""
+    if len(recipes) == 1:
+        return recipes[0].text
+    return "---\n".join(r.text if r.text.endswith("\n") else r.text + "\n" for r in recipes)
+
+
+def write_report(result: dict[str, Any], path: str | None) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+
+
+def balance(workers: list[dict]) -> float:
+    """max / mean bytes moved per actor that did any work (1.0 = perfectly even)."""
+    busy = [w["bytes_read"] + w["bytes_written"] for w in workers if w["units"]]
+    return round(max(busy) / (sum(busy) / len(busy)), 3) if busy and sum(busy) else 1.0

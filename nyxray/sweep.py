@@ -1,0 +1,198 @@
+"""Sweeps: many recipes over the same inputs in one job, each input byte read once for all.
+
+A sweep file is YAML with ``members:`` (a list of ``{name, recipe}``, the recipe a path relative
+to the sweep file or an inline mapping; pipelines allowed) and/or ``base:`` (a recipe) with
+``grid:`` (a map from a place in the recipe, e.g. ``parameters.t`` or ``parameters.t[2].value``,
+to the list of values it takes). The grid expands to the cross product, with readable member
+names (``grid_prefix`` + ``t=0.3``...). Member ``M`` is written to ``OUT/M`` as a complete model.
+
+Members are planned separately: one member's bad recipe is reported and the others still run,
+unless ``fail_fast``. Their shards that write the same tensors in the same order become one unit,
+so an actor reads each input tensor once and computes every member's outputs from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import re
+import time
+from typing import Any
+
+import yaml
+
+from .driver import Target, balance, pipeline_text, run_targets, target_report, write_report
+from .errors import NyxrayError, RecipeError, did_you_mean
+from .models import Model, Resolver
+from .plan import Plan, parse_size
+from .plan import plan as make_plan
+from .recipe import Recipe, parse_pipeline, parse_recipe
+from .storage import location
+
+SWEEP_KEYS = ("members", "base", "grid", "grid_prefix")
+_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", text).strip("._") or "member"
+
+
+def _set_path(doc: Any, path: str, value: Any, where: str) -> None:
+    steps = [(m.group(1), m.group(2)) for m in _STEP.finditer(path)]
+    if not steps:
+        raise RecipeError(where, f"empty grid path {path!r}")
+    node = doc
+    for i, (key, index) in enumerate(steps):
+        last = i == len(steps) - 1
+        if key is not None:
+            if not isinstance(node, dict) or (key not in node and not last):
+                have = tuple(node) if isinstance(node, dict) else ()
+                raise RecipeError(where, f"grid path {path!r}: the base recipe has no {key!r} here{did_you_mean(key, have)}")
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
+        else:
+            j = int(index)
+            if not isinstance(node, list) or j >= len(node):
+                raise RecipeError(where, f"grid path {path!r}: index [{j}] is out of range in the base recipe")
+            if last:
+                node[j] = value
+            else:
+                node = node[j]
+
+
+def _short(path: str) -> str:
+    """``parameters.t[2].value`` -> ``t2``: the member-name label of a grid axis."""
+    parts = [p for p in re.split(r"[.\[\]]+", path) if p and p not in ("parameters", "value", "slices", "sources")]
+    return "".join(parts) or path
+
+
+def _member_recipe(spec: Any, base_dir: str, where: str) -> list[Recipe]:
+    if isinstance(spec, str) and "\n" not in spec:
+        path = spec if os.path.isabs(spec) else os.path.join(base_dir, spec)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return parse_pipeline(f.read(), path)
+        except OSError as e:
+            raise RecipeError(where, f"cannot read recipe {spec!r}: {e.strerror}") from None
+    if isinstance(spec, str):
+        return parse_pipeline(spec, where)
+    if isinstance(spec, dict):
+        return [parse_recipe(spec, yaml.safe_dump(spec, sort_keys=False), where)]
+    raise RecipeError(where, "a member recipe is a path, YAML text or a mapping")
+
+
+def expand(text: str, origin: str = "<sweep>") -> dict[str, list[Recipe] | NyxrayError]:
+    """Sweep YAML -> member name -> its recipes (or the error that makes the member invalid)."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError("", f"not valid YAML: {' '.join(str(e).split())}", origin) from None
+    if not isinstance(doc, dict):
+        raise RecipeError("", "a sweep file is a mapping with members: and/or base: + grid:", origin)
+    for key in doc:
+        if key not in SWEEP_KEYS:
+            raise RecipeError(str(key), f"unknown sweep key{did_you_mean(str(key), SWEEP_KEYS)}", origin)
+    base_dir = os.path.dirname(os.path.abspath(origin)) if os.path.exists(origin) else os.getcwd()
+    members: dict[str, list[Recipe] | NyxrayError] = {}
+
+    def add(name: str, where: str, make: Any) -> None:
+        if name in members:
+            raise RecipeError(where, f"member name {name!r} is used twice", origin)
+        try:
+            members[name] = make()
+        except NyxrayError as e:
+            members[name] = e
+
+    for i, m in enumerate(doc.get("members") or []):
+        where = f"members[{i}]"
+        if not isinstance(m, dict) or set(m) - {"name", "recipe"} or "recipe" not in m:
+            raise RecipeError(where, "a member is {name, recipe}", origin)
+        name = _safe_name(str(m.get("name") or f"member{i}"))
+        add(name, where, lambda m=m, where=where: _member_recipe(m["recipe"], base_dir, f"{origin} {where}"))
+    if ("base" in doc) != ("grid" in doc):
+        raise RecipeError("grid" if "base" in doc else "base", "base: and grid: go together", origin)
+    if "grid" in doc:
+        grid = doc["grid"]
+        if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+            raise RecipeError("grid", "must map recipe places to non-empty lists of values", origin)
+        base = doc["base"]
+        if isinstance(base, str) and "\n" not in base:
+            with open(base if os.path.isabs(base) else os.path.join(base_dir, base), encoding="utf-8") as f:
+                base = yaml.safe_load(f)
+        elif isinstance(base, str):
+            base = yaml.safe_load(base)
+        prefix = str(doc.get("grid_prefix", ""))
+        axes = list(grid)
+        for values in itertools.product(*(grid[a] for a in axes)):
+            label = ",".join(f"{_short(a)}={v}" for a, v in zip(axes, values))
+            name = _safe_name(f"{prefix}{'-' if prefix else ''}{label}".replace(" ", ""))
+
+            def make(values: tuple = values, label: str = label) -> list[Recipe]:
+                doc_i = copy.deepcopy(base)
+                for a, v in zip(axes, values):
+                    _set_path(doc_i, a, v, f"grid.{a}")
+                return [parse_recipe(doc_i, yaml.safe_dump(doc_i, sort_keys=False), f"{origin} grid {label}")]
+
+            add(name, f"grid ({label})", make)
+    if not members:
+        raise RecipeError("members", "the sweep has no members", origin)
+    return members
+
+
+def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: int | str = "5B", models: dict[str, str] | None = None,
+              models_root: str | None = None, storage_options: dict[str, Any] | None = None, allow_crimes: bool = False,
+              unsafe_truncate_embeddings: bool = False, report: str | None = None, **execution: Any) -> dict[str, Any]:
+    """Run a sweep file into ``out`` (member ``M`` at ``out/M``); returns the sweep report."""
+    started = time.monotonic()
+    parse_size(out_shard_size)
+    if os.path.exists(sweep):
+        with open(sweep, encoding="utf-8") as f:
+            text, origin = f.read(), sweep
+    else:
+        text, origin = sweep, "<sweep>"
+    members = expand(text, origin)
+    resolver = Resolver(dict(models or {}), models_root, dict(storage_options or {}))
+    cache: dict[str, Model] = {}
+    plans: dict[str, Plan] = {}
+    failed: dict[str, str] = {}
+    for name, recipes in members.items():
+        try:
+            if isinstance(recipes, NyxrayError):
+                raise recipes
+            plans[name] = make_plan(recipes, resolver, out_shard_size, allow_crimes, unsafe_truncate_embeddings, model_cache=cache)
+        except NyxrayError as e:
+            if fail_fast:
+                raise NyxrayError(f"sweep member {name!r}: {e}") from None
+            failed[name] = str(e)
+    root = location(out, storage_options)
+    targets = {name: Target(root.child(name), p.final, pipeline_text(members[name])) for name, p in plans.items()}  # type: ignore[arg-type]
+    execution.setdefault("device", "auto")
+    execution.setdefault("executor", "ray")
+    execution.setdefault("progress", True)
+    execution.setdefault("copy_tokenizer", True)
+    execution.setdefault("write_model_card", True)
+    execution.setdefault("overwrite", False)
+    workers, _ = run_targets(list(targets.values()), share_reads=True, **execution) if targets else ([], 0.0)
+    header_bytes = sum(m.header_bytes for m in cache.values())
+    member_reports = {}
+    for name, tg in targets.items():
+        r = target_report(tg)
+        r["bytes_read_min"] = plans[name].bytes_read_min()
+        member_reports[name] = r
+    result = {
+        "output": root.display,
+        "wall_s": round(time.monotonic() - started, 3),
+        "bytes_read": sum(r["bytes_read_tensors"] for r in member_reports.values()) + header_bytes,
+        "bytes_read_headers": header_bytes,
+        "bytes_written": sum(r["bytes_written"] for r in member_reports.values()),
+        "members": member_reports,
+        "failed": failed,
+        "actors": workers,
+        "balance": balance(workers),
+    }
+    write_report(result, report)
+    return result
+
