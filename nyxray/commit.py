@@ -96,6 +96,9 @@ def claim(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
         for f in files:
             if f == MANIFEST or (f.endswith(".safetensors") and f.startswith("model") and f not in planned):
                 out.delete(f)
+    for f in files:
+        if f.startswith(".") and ".nyxray-" in f and f.endswith(".tmp"):
+            out.delete(f)  # a temporary shard of a writer that was killed
     records = {}
     state = _json(out, STATE) if STATE_DIR in files else None
     if state and state.get("plan_id") == pid:

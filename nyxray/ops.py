@@ -19,7 +19,6 @@ CHUNK = 1 << 20
 EPS = 1e-8
 COLINEAR = 0.9995
 
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype) -> torch.Tensor:
@@ -74,7 +73,9 @@ def evaluate(e: Expr, data: Mapping[tuple, memoryview], device: str = "cpu") -> 
 def _tensor(e: Expr, data: Mapping[tuple, memoryview], device: str) -> torch.Tensor:
     if isinstance(e, Leaf):
         buf = data[e.key]
-        t = torch.frombuffer(buf, dtype=DTYPES[e.dtype][0]) if len(buf) else torch.empty(0, dtype=DTYPES[e.dtype][0])
+        with warnings.catch_warnings():  # read-only input bytes: nothing here writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(buf, dtype=DTYPES[e.dtype][0]) if len(buf) else torch.empty(0, dtype=DTYPES[e.dtype][0])
         return t.reshape(e.shape).to(device)
     if isinstance(e, Cast):
         return _tensor(e.child, data, device).to(DTYPES[e.dtype][0])
