@@ -163,12 +163,15 @@ class Location:
 
     def listdir(self, name: str = "") -> list[str]:
         """Base names of the files directly under ``name`` (empty when it does not exist)."""
+        path = self.path(name)
+
         def ls() -> list[str]:
+            self.fs.invalidate_cache(path)  # object-store listings are cached; resume needs the truth
             try:
-                entries = self.fs.ls(self.path(name), detail=False)
+                entries = self.fs.ls(path, detail=False)
             except FileNotFoundError:
                 return []
-            return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+            return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path.rstrip("/"))
 
         return with_retries(ls, self.url(name), self.options)
 
@@ -235,7 +238,8 @@ class AtomicWriter:
                 raise StorageError(f"{loc.url(name)}: cannot write: {e.strerror}") from None
             return
         self.direct = loc.protocol in ("s3", "s3a", "gs", "gcs")
-        self.tmp = self.final if self.direct else f"{self.final}.nyxray-{uuid.uuid4().hex[:8]}.tmp"
+        head, _, base = self.final.rpartition("/")
+        self.tmp = self.final if self.direct else f"{head}/.{base}.nyxray-{uuid.uuid4().hex[:8]}.tmp"
         kwargs = {"block_size": part_size} if self.direct else {}
         self.f = with_retries(lambda: loc.fs.open(self.tmp, "wb", **kwargs), loc.url(name), loc.options)
 
@@ -274,8 +278,9 @@ class AtomicWriter:
             if self.loc.is_local:
                 self.f.close()
                 os.unlink(self.tmp)
-            elif hasattr(self.f, "discard"):
-                self.f.discard()
+            elif self.direct and hasattr(self.f, "discard"):
+                self.f.discard()  # aborts the multipart upload
+                self.f.closed = True  # else its finaliser would try to upload the (gone) buffer
             else:
                 self.f.close()
                 self.loc.fs.rm_file(self.tmp)

@@ -12,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
+pytest_plugins = ["tests.conftest_s3"]
+
 from nyxray.synthetic import ModelShape, make_nyxene_sources
 
 SHAPE = ModelShape(hidden=128, intermediate=256, layers=32, vocab=9000, heads=4, kv_heads=2)
