@@ -40,9 +40,11 @@ requests sent before the previous response (they are served in order, as
 they arrive, which is fine for HTTP/1.1 clients such as aiohttp/urllib3).
 
 Counters: ``proxy.counters`` (a snapshot dict) with ``requests`` (all
-requests seen), ``forwarded`` (answered by the server and relayed in full,
-delayed ones included), ``reset``, ``error503``, ``delay``, ``truncate``,
-``kill``, ``upstream_error`` (server unreachable: the proxy answered 502),
+requests seen), ``forwarded`` (answered by the server and relayed to the
+client, delayed ones included; counted when relaying starts, so a client
+that has read a response always sees it counted), ``reset``, ``error503``,
+``delay``, ``truncate``, ``kill`` (all counted before the client can see
+the fault), ``upstream_error`` (server unreachable: the proxy answered 502),
 ``client_abort`` (the client went away mid-request); ``proxy.faults`` is the
 number of injected faults; ``proxy.events`` a bounded log of
 ``(method, target, action)``.
@@ -544,6 +546,9 @@ class FaultProxy:
                 _rst(csock)
                 return False
 
+            # counted before relaying, so that a client which has read the
+            # whole response also sees the counter
+            self._count("forwarded", req)
             csock.sendall(rraw)
             if framing == "length":
                 self._copy_exact(ureader, csock, length)
@@ -555,7 +560,6 @@ class FaultProxy:
                         csock.sendall(ureader.read_some(_CHUNK))
                 except _Closed:
                     pass
-            self._count("forwarded", req)
             server_keep = "close" not in rh.get("connection", "").lower()
             return client_keep and server_keep and framing != "eof"
         except (_Closed, socket.timeout, OSError, _ProtocolError):

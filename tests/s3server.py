@@ -18,8 +18,11 @@ Design notes
   ports (``start_attempts``).
 * The unix sockets weed creates by default are named after the port
   (``/tmp/seaweedfs-s3-<port>.sock``); the S3 and filer ones are moved into
-  the temporary directory, the gRPC ones stay in /tmp (no flag) and stale
-  ones are removed after stop.
+  the temporary directory, the gRPC ones stay in /tmp (no flag) and are
+  removed after stop.  weed itself copes with a stale socket file.
+* Leftovers of a runner that was SIGKILLed (data dir, socket files) are
+  swept at the next start: each data dir records its weed pid
+  (``owner.json``) and is removed once that process is gone.
 * Authentication is ON by default: weed mini turns the environment's
   ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` into an admin identity, so
   requests are signature-checked (bad credentials give 403).  With
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -56,7 +60,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["S3Server", "S3ServerError", "find_weed", "free_port"]
+__all__ = ["S3Server", "S3ServerError", "find_weed", "free_port", "sweep_stale_dirs"]
 
 HOST = "127.0.0.1"
 GRPC_OFFSET = 10000
@@ -202,6 +206,7 @@ class S3Server:
         self.proc: subprocess.Popen | None = None
         self.start_seconds: float | None = None
         self._log_path: str | None = None
+        self._args: list[str] = []
         self._log_file = None
         self._client = None
         self._lock = threading.RLock()
@@ -296,6 +301,21 @@ class S3Server:
             f.seek(max(0, size - n_bytes))
             return f.read().decode("utf-8", "replace")
 
+    def _log_excerpt(self, head: int = 1500, tail: int = 3000) -> str:
+        """Start and end of the log (weed prints its error first, then a
+        long usage text for a bad flag)."""
+        if not self._log_path or not os.path.exists(self._log_path):
+            return "<no log>"
+        with open(self._log_path, "rb") as f:
+            data = f.read()
+        if len(data) <= head + tail:
+            return data.decode("utf-8", "replace")
+        return (
+            data[:head].decode("utf-8", "replace")
+            + f"\n[... {len(data) - head - tail} bytes ...]\n"
+            + data[-tail:].decode("utf-8", "replace")
+        )
+
     # ------------------------------------------------------------- lifecycle
     def __enter__(self) -> "S3Server":
         self.start()
@@ -309,6 +329,8 @@ class S3Server:
             if self.is_running():
                 return self
             weed = self.weed or find_weed()
+            with contextlib.suppress(Exception):
+                sweep_stale_dirs(self.base_dir)
             rng = random.Random(os.getpid() ^ time.time_ns() ^ id(self))
             errors = []
             t0 = time.monotonic()
@@ -321,6 +343,9 @@ class S3Server:
                 except _Retryable as e:
                     errors.append(str(e))
                     self._cleanup()
+                except BaseException:
+                    self._cleanup()
+                    raise
             raise S3ServerError(
                 f"SeaweedFS failed to start after {self.start_attempts} attempts:\n"
                 + "\n---\n".join(errors)
@@ -363,6 +388,7 @@ class S3Server:
             "-master.volumeSizeLimitMB=256",
             *self.extra_args,
         ]
+        self._args = args
         env = {
             k: v
             for k, v in os.environ.items()
@@ -382,6 +408,9 @@ class S3Server:
             start_new_session=True,
             preexec_fn=_pdeathsig_preexec if sys.platform.startswith("linux") else None,
         )
+        with contextlib.suppress(OSError):
+            with open(os.path.join(self.dir, _OWNER_FILE), "w") as f:
+                json.dump({"weed_pid": self.proc.pid, "sockets": self._grpc_socket_paths()}, f)
         self._wait_ready()
         for b in self.initial_buckets:
             self.create_bucket(b)
@@ -394,14 +423,15 @@ class S3Server:
             rc = self.proc.poll()
             if rc is not None:
                 raise _Retryable(
-                    f"weed exited with code {rc} during start; log tail:\n{self.log_tail()}"
+                    f"weed exited with code {rc} during start\n"
+                    f"command: {' '.join(self._args)}\nlog:\n{self._log_excerpt()}"
                 )
             if time.monotonic() > deadline:
                 self._terminate()
                 raise S3ServerError(
                     f"SeaweedFS S3 API on {self.endpoint_url} did not answer within "
-                    f"{self.start_timeout:.0f}s (last error: {last_err!r}); log tail:\n"
-                    f"{self.log_tail()}"
+                    f"{self.start_timeout:.0f}s (last error: {last_err!r})\n"
+                    f"command: {' '.join(self._args)}\nlog:\n{self._log_excerpt()}"
                 )
             try:
                 with socket.create_connection((HOST, self.port), timeout=1):
@@ -455,20 +485,14 @@ class S3Server:
             self.dir = None
         self.proc = None
 
+    def _grpc_socket_paths(self) -> list[str]:
+        return [
+            f"/tmp/seaweedfs-{name}-grpc-{port + GRPC_OFFSET}.sock"
+            for name, port in self.ports.items()
+        ]
+
     def _remove_stale_grpc_sockets(self) -> None:
-        for name, port in self.ports.items():
-            path = f"/tmp/seaweedfs-{name}-grpc-{port + GRPC_OFFSET}.sock"
-            if not os.path.exists(path):
-                continue
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.settimeout(0.5)
-                s.connect(path)  # somebody listens: not ours any more
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            finally:
-                s.close()
+        _remove_dead_sockets(self._grpc_socket_paths())
 
     # ---------------------------------------------------------------- admin
     def client(self):
@@ -556,6 +580,51 @@ class S3Server:
 
 class _Retryable(Exception):
     pass
+
+
+_OWNER_FILE = "owner.json"
+
+
+def _remove_dead_sockets(paths: Iterable[str]) -> None:
+    """Unlink unix socket files nobody listens on any more."""
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(0.5)
+            s.connect(path)  # somebody listens: not stale
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        finally:
+            s.close()
+
+
+def sweep_stale_dirs(base_dir: str | None = None) -> int:
+    """Remove data directories (and their gRPC socket files) left by
+    S3Servers whose weed process is gone (e.g. the test runner was
+    SIGKILLed).  Directories of live servers are left alone.  Returns how
+    many were removed."""
+    base = base_dir or tempfile.gettempdir()
+    removed = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            if not entry.name.startswith("nyxray-weed-") or not entry.is_dir():
+                continue
+            try:
+                with open(os.path.join(entry.path, _OWNER_FILE)) as f:
+                    owner = json.load(f)
+                os.kill(int(owner["weed_pid"]), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # starting, foreign or unreadable: leave it
+            _remove_dead_sockets(owner.get("sockets", []))
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 @atexit.register
