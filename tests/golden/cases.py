@@ -37,7 +37,10 @@ SHAPE = ModelShape(hidden=128, intermediate=256, layers=32, vocab=9000, heads=4,
 INPUT_SHARD_BYTES = 3_000_000
 
 # mergekit-yaml options used for every case. --no-write-model-card: the card contains temp paths and
-# set-ordered model lists (not comparable); nyxray writes its own card.
+# set-ordered model lists (not comparable); nyxray writes its own card. Every case also gets
+# ``--num-threads <Case.threads>`` (default 1): mergekit 0.1.5's SLERP dot products are torch sums whose
+# result depends on torch's intra-op thread count for chunks of more than 32768 elements, so a golden
+# output is only defined for a given thread count (see the slerp_threads_* cases).
 COMMON_CLI: tuple[str, ...] = ("--no-write-model-card",)
 # mergekit's default --out-shard-size ("5B", decimal, bytes).
 DEFAULT_OUT_SHARD_SIZE = 5_000_000_000
@@ -75,6 +78,11 @@ HERMES = "openaccess-ai-collective/DPOpenHermes-7B"
 # A near-colinear partner of UNA: the noise level puts many matrices' |cos| right around 0.9995.
 UNA_NEAR = "synthetic/una-near"
 NEAR_NOISE = 0.0395
+# Bigger tensors (1-2.9 M elements: several 2**20 chunks, each > 32768) for the thread-count cases.
+BIG_SHAPE = ModelShape(hidden=1024, intermediate=2816, layers=2, vocab=2048, heads=8, kv_heads=8)
+BIG_SHARD_BYTES = 20_000_000
+BIG_A = "synthetic/big-a"
+BIG_NEAR = "synthetic/big-near"
 
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(UNA, SHAPE, 1, INPUT_SHARD_BYTES),
@@ -82,20 +90,39 @@ MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(STARLING, SHAPE, 3, INPUT_SHARD_BYTES),
     ModelSpec(HERMES, SHAPE, 4, INPUT_SHARD_BYTES),
     ModelSpec(UNA_NEAR, SHAPE, 11, INPUT_SHARD_BYTES, like=UNA, like_noise=NEAR_NOISE),
+    ModelSpec(BIG_A, BIG_SHAPE, 21, BIG_SHARD_BYTES),
+    ModelSpec(BIG_NEAR, BIG_SHAPE, 23, BIG_SHARD_BYTES, like=BIG_A, like_noise=0.1),
 )
 
 
-def build_inputs(root: str) -> dict[str, str]:
-    """Build every synthetic input under ``root``; returns name -> absolute directory."""
+MODELS_BY_NAME: dict[str, ModelSpec] = {m.name: m for m in MODELS}
+
+
+def build_inputs(root: str, names=None) -> dict[str, str]:
+    """Build the synthetic inputs under ``root`` (all, or ``names`` plus the models they are derived
+    from), in ``MODELS`` order; returns name -> absolute directory."""
     root = os.path.abspath(root)
-    return {spec.name: spec.build(root) for spec in MODELS}
+    want = set(MODELS_BY_NAME) if names is None else set(names)
+    for spec in reversed(MODELS):
+        if spec.name in want and spec.like:
+            want.add(spec.like)
+    return {spec.name: spec.build(root) for spec in MODELS if spec.name in want}
+
+
+def case_inputs(case: "Case") -> set[str]:
+    """Names of the synthetic models a case (and the cases it depends on) reads."""
+    out: set[str] = set()
+    for dep in case.depends:
+        out |= case_inputs(CASES_BY_NAME[dep])
+    return out | {m.split(">>")[0] for m in case.recipe.split("<<model:")[1:]}
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
     recipe: str  # YAML with <<model:...>> / <<case:...>> placeholders
-    cli: tuple[str, ...] = ()  # extra mergekit-yaml options (COMMON_CLI is always added)
+    cli: tuple[str, ...] = ()  # extra mergekit-yaml options (COMMON_CLI and --num-threads are always added)
+    threads: int = 1  # mergekit-yaml --num-threads (torch intra-op threads)
     out_shard_size: int = DEFAULT_OUT_SHARD_SIZE  # what --out-shard-size in ``cli`` means, in bytes
     depends: tuple[str, ...] = ()  # cases whose outputs the recipe reads
     description: str = ""
@@ -142,6 +169,17 @@ parameters:
     - filter: modelnorm
       value: [0.75]
     - value: 0.5 # fallback for rest of tensors
+dtype: bfloat16
+"""
+
+_BIG_SLERP = f"""\
+models:
+  - model: <<model:{BIG_A}>>
+  - model: <<model:{BIG_NEAR}>>
+merge_method: slerp
+base_model: <<model:{BIG_A}>>
+parameters:
+  t: 0.3
 dtype: bfloat16
 """
 
@@ -341,6 +379,20 @@ dtype: bfloat16
         donor=UNA,
         tags=("passthrough", "duplicates"),
     ),
+    *(
+        Case(
+            name=f"slerp_threads_j{j}",
+            description=(
+                f"slerp of a correlated pair of big tensors run with --num-threads {j}: mergekit's output "
+                "depends on torch's thread count (the chunk dot products are threaded torch sums)"
+            ),
+            recipe=_BIG_SLERP,
+            threads=j,
+            donor=BIG_A,
+            tags=("slerp", "threads"),
+        )
+        for j in (1, 2, 4)
+    ),
 )
 
 CASES_BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
@@ -348,4 +400,4 @@ CASES_BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
 
 def mergekit_args(case: Case, recipe_path: str, out_dir: str) -> list[str]:
     """The mergekit-yaml argument list (after the program name) that make_golden.py used."""
-    return [recipe_path, out_dir, *COMMON_CLI, *case.cli]
+    return [recipe_path, out_dir, *COMMON_CLI, "--num-threads", str(case.threads), *case.cli]

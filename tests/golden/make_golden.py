@@ -2,17 +2,31 @@
 
 Run with nyxray's venv python (mergekit itself runs from its own venv, as a subprocess)::
 
-    .venv/bin/python tests/golden/make_golden.py [--mergekit-bin /work/mk-venv/bin] [--keep DIR]
+    .venv/bin/python tests/golden/make_golden.py [--mergekit-bin /work/mk-venv/bin] [--keep DIR] [--cases NAME ...]
 
 Steps: build the synthetic inputs of ``cases.MODELS`` in a temporary directory, render each recipe of
-``cases.CASES`` with absolute paths, run ``mergekit-yaml`` on it (HF_HUB_OFFLINE=1, CPU), and record
-for every output: each file's size and sha256, each shard's raw safetensors header text and its
-tensors (name, dtype, shape, data offsets, sha256 of the raw bytes) in file order, the index JSON
-(text and parsed), config.json (parsed), the files copied from the donor and mergekit's warnings.
+``cases.CASES`` with absolute paths, run ``mergekit-yaml`` on it (HF_HUB_OFFLINE=1, CPU, the case's
+``--num-threads``), and record what it wrote. About two minutes on a 2-core machine.
+
+golden.json: {"mergekit", "torch", "transformers", "safetensors": versions, "shape", "cases": {name: C}}
+with, for each case C:
+
+* ``recipe`` (the template), ``cli`` (mergekit-yaml options), ``out_shard_size``, ``threads``, ``donor``;
+* ``files``: every file written, name -> {size, sha256};
+* ``shards``: in shard order, {file, header_len, header (the raw JSON text, padding included),
+  metadata, tensors: [{name, dtype, shape, data_offsets, sha256 of the raw bytes}] in file order};
+* ``file_order``: tensor names in file order across shards (NOT mergekit's write order: inside a
+  shard safetensors sorts by dtype, then name); mergekit's write order is the key order of
+  ``index["weight_map"]`` (``index``/``index_text`` are null for a single model.safetensors);
+* ``config`` (parsed) and ``config_text`` (as written by transformers ``save_pretrained``);
+* ``other_files`` (tokenizer/generation files) and whether each equals the donor's file;
+* ``warnings``: mergekit's WARNING log lines, temp paths replaced by <IN>/<OUT>/<RECIPES>.
 
 mergekit picks the config/tokenizer donor from a Python set when the recipe has no base_model, so the
-choice depends on PYTHONHASHSEED. For each such case this script searches for a seed under which the
-donor is ``case.donor`` (nyxray's rule: the first source of the first slice) and records it.
+choice depends on PYTHONHASHSEED (and, under Python 3.11, on hash(None), an address). For each such case
+this script runs mergekit without address randomisation (``setarch -R``) under a PYTHONHASHSEED for
+which the donor is ``case.donor`` (nyxray's rule: the first source of the first slice), and reruns
+until the copied tokenizer files show that donor.
 """
 
 from __future__ import annotations
@@ -135,17 +149,37 @@ def collect(case: C.Case, out_dir: str, roots: dict[str, str]) -> dict:
         config_text = fh.read()
     weight_files = set(shard_files) | {"model.safetensors.index.json", "config.json"}
     other = [f for f in files if f not in weight_files]
-    write_order = [t["name"] for s in shards for t in s["tensors"]]
+    file_order = [t["name"] for s in shards for t in s["tensors"]]
     return {
         "files": files,
         "shards": shards,
-        "write_order": write_order,
+        "file_order": file_order,
         "index_text": index_text,
         "index": index,
         "config": json.loads(config_text),
         "config_text": config_text,
         "other_files": other,
     }
+
+
+def _is_leaf(v) -> bool:
+    if isinstance(v, list):
+        return all(not isinstance(e, (list, dict)) for e in v)
+    if isinstance(v, dict):
+        return all(not isinstance(e, (list, dict)) or _is_leaf(e) and isinstance(e, list) for e in v.values())
+    return True
+
+
+def dump_json(obj, level: int = 0) -> str:
+    """JSON with one line per leaf record (a tensor, a file), so golden.json stays small and diffable."""
+    if _is_leaf(obj) and not (isinstance(obj, dict) and level < 3 and any(isinstance(v, str) and len(v) > 200 for v in obj.values())):
+        return json.dumps(obj)
+    pad = " " * (level + 1)
+    if isinstance(obj, dict):
+        items = [f"{pad}{json.dumps(k)}: {dump_json(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * level + "}"
+    items = [pad + dump_json(v, level + 1) for v in obj]
+    return "[\n" + ",\n".join(items) + "\n" + " " * level + "]"
 
 
 def normalise(text: str, roots: dict[str, str]) -> str:
@@ -190,7 +224,8 @@ def main(argv=None) -> int:
                 stack.extend(C.CASES_BY_NAME[n].depends)
 
     t0 = time.time()
-    model_dirs = C.build_inputs(in_root)
+    names = None if wanted is None else set().union(*(C.case_inputs(C.CASES_BY_NAME[n]) for n in wanted))
+    model_dirs = C.build_inputs(in_root, names)
     print(f"built {len(model_dirs)} inputs in {time.time() - t0:.1f}s", flush=True)
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
@@ -228,7 +263,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"{case.name}: could not get donor {donor_dir}")
         case_dirs[case.name] = out_dir
         data = collect(case, out_dir, roots)
-        warnings = [normalise(line, roots) for line in (proc.stdout + proc.stderr).splitlines() if "WARNING" in line or "warn" in line.lower()]
+        warnings = [normalise(line[line.index("WARNING") :], roots) for line in (proc.stdout + proc.stderr).splitlines() if "WARNING" in line]
+        copied = {}
+        for fname in data["other_files"]:
+            src = os.path.join(donor_dir, fname)
+            copied[fname] = os.path.exists(src) and sha256_file(src) == data["files"][fname]["sha256"]
         golden_cases[case.name] = {
             "description": case.description,
             "recipe": case.recipe,
@@ -236,12 +275,13 @@ def main(argv=None) -> int:
             "out_shard_size": case.out_shard_size,
             "depends": list(case.depends),
             "donor": case.donor,
-            "pythonhashseed": seed,
+            "threads": case.threads,
             "warnings": warnings,
+            "other_files_equal_donor": copied,
             **data,
         }
         n_sh = len(data["shards"])
-        print(f"{case.name}: {n_sh} shard(s), {len(data['write_order'])} tensors, {dt:.1f}s (PYTHONHASHSEED={seed})", flush=True)
+        print(f"{case.name}: {n_sh} shard(s), {len(data['file_order'])} tensors, {dt:.1f}s (PYTHONHASHSEED={seed})", flush=True)
 
     golden = {
         "generator": "tests/golden/make_golden.py",
@@ -255,8 +295,7 @@ def main(argv=None) -> int:
         "cases": golden_cases,
     }
     with open(args.out, "w") as fh:
-        json.dump(golden, fh, indent=1)
-        fh.write("\n")
+        fh.write(dump_json(golden) + "\n")
     print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes) in {time.time() - t0:.1f}s")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
