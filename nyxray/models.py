@@ -100,8 +100,8 @@ def _read_json(loc: Location, name: str, ref: str) -> Any:
         raise ModelError(f"model {ref!r}: cannot read {name}: {e}") from None
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"model {ref!r}: {loc.url(name)} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, over-long integers, deep nesting
+        raise ModelError(f"model {ref!r}: {loc.url(name)} is not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
 
 
 def _safe_file_name(name: Any, where: str) -> str:
@@ -163,5 +163,10 @@ def load_model(ref: str, loc: Location, allow_pickle: bool = False) -> Model:
         absent = [n for n in wmap if n not in tensors]
         if absent:
             raise ModelError(f"model {ref!r}: the index lists {absent[0]!r} in {wmap[absent[0]]}, but that shard's header lacks it")
+    # The planner builds every layer the config claims before it looks for tensors, so a config
+    # claiming 10**8 layers would hang it: the last claimed layer must be in the checkpoint.
+    n = int(config[arch.layers_key])
+    if not any(arch.layer_name(n - 1, suffix) in tensors for suffix in arch.layer):
+        raise ModelError(f"model {ref!r}: {loc.url('config.json')} says {arch.layers_key}={n}, but the checkpoint has no tensors of layer {n - 1}")
     extra = tuple(f for f in TOKENIZER_FILES if f in files)
     return Model(ref, config, arch, tensors, loc, header_bytes, extra, loc)

@@ -9,6 +9,7 @@ pipeline of named stages (mergekit-multi's format), see :func:`parse_pipeline`.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -115,7 +116,8 @@ def _model_ref(value: Any, path: str, origin: str) -> str:
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    # .nan / .inf are YAML floats; a non-finite t would silently fill the output with NaNs.
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_value(value: Any, path: str, origin: str) -> None:
@@ -123,7 +125,7 @@ def _check_value(value: Any, path: str, origin: str) -> None:
         return
     if isinstance(value, list) and value and all(_number(v) for v in value):
         return
-    raise RecipeError(path, f"a value must be a number or a non-empty list of numbers (a gradient), got {value!r}", origin)
+    raise RecipeError(path, f"a value must be a finite number or a non-empty list of finite numbers (a gradient), got {value!r}", origin)
 
 
 def _setting(value: Any, path: str, origin: str) -> Setting:
@@ -187,6 +189,8 @@ def parse_recipe(doc: Any, text: str, origin: str = "<recipe>") -> Recipe:
     method = doc.get("merge_method")
     if method is None:
         raise RecipeError("merge_method", "is required", origin)
+    if not isinstance(method, str):  # a list or mapping here would crash the lookup below
+        raise RecipeError("merge_method", f"must be a method name, got {method!r}", origin)
     if method not in METHODS:
         raise RecipeError("merge_method", f"unknown or unsupported merge method {method!r}{did_you_mean(str(method), tuple(METHODS))}; nyxray supports {', '.join(METHODS)}", origin)
     has = [k for k in ("slices", "models") if doc.get(k) is not None]
@@ -276,6 +280,29 @@ def _split_documents(text: str) -> list[str]:
     return [d for d in docs if d.strip() and not all(l.strip().startswith("#") or not l.strip() for l in d.splitlines())]
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """The safe loader (no ``!!python/...`` tags), refusing repeated keys.
+
+    PyYAML keeps the last of two equal keys without a word, so a second ``parameters:`` or
+    ``merge_method:`` would silently replace the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor" merges are meant to be overridden by the keys beside them
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse_pipeline(text: str, origin: str = "<recipe>") -> list[Recipe]:
     """Parse YAML text holding one recipe or a pipeline of ``---``-separated stages.
 
@@ -283,7 +310,7 @@ def parse_pipeline(text: str, origin: str = "<recipe>") -> list[Recipe]:
     stage but at most one (the final output) has a unique ``name``.
     """
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as e:
         raise RecipeError("", f"not valid YAML: {' '.join(str(e).split())}", origin) from None
     if not docs:
@@ -321,4 +348,6 @@ def load_pipeline(recipe: "str | os.PathLike[str] | Recipe | list[Recipe]") -> l
                 return parse_pipeline(f.read(), text)
         except OSError as e:
             raise RecipeError("", f"cannot read recipe file: {e.strerror}", text) from None
+        except UnicodeDecodeError as e:
+            raise RecipeError("", f"not a UTF-8 text file (byte {e.start})", text) from None
     return parse_pipeline(text)

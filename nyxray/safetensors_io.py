@@ -85,8 +85,10 @@ def parse_header(raw: bytes, url: str, file_size: int) -> tuple[dict[str, Tensor
     """
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{url}: malformed safetensors header ({e})") from None
+    except (ValueError, RecursionError) as e:
+        # ValueError covers bad UTF-8, bad JSON and integers too long to convert; deep nesting
+        # ("[[[[...") exhausts the parser's recursion instead.
+        raise ModelError(f"{url}: malformed safetensors header ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     if not isinstance(doc, dict):
         raise ModelError(f"{url}: malformed safetensors header (not a JSON object)")
     metadata = doc.pop("__metadata__", None) or {}
@@ -100,7 +102,7 @@ def parse_header(raw: bytes, url: str, file_size: int) -> tuple[dict[str, Tensor
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise ModelError(f"{where}: header entry must have exactly dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:  # a list here is unhashable
             raise ModelError(f"{where}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ModelError(f"{where}: shape {shape!r} is not a list of non-negative integers")
