@@ -33,8 +33,8 @@ _LLAMA_LAYER = (
     "self_attn.v_proj.weight",
     "self_attn.o_proj.weight",
     "post_attention_layernorm.weight",
+    "mlp.up_proj.weight",  # mergekit's architecture order (up before gate): it shapes the write order
     "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
     "mlp.down_proj.weight",
 )
 

@@ -24,36 +24,47 @@ COLINEAR = 0.9995
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype) -> torch.Tensor:
     """Spherical interpolation of ``a`` (t=0) and ``b`` (t=1), as one flat vector each.
 
-    Arithmetic in float32 (float64 for float64 inputs) on the tensors' device; the result is
-    stored in ``out_dtype`` chunk by chunk, so peak memory is the inputs, the output and one chunk.
+    Bit for bit what mergekit 0.1.5 computes (run with ``--num-threads 1``): per 2**20-element
+    chunk a norm and a dot product, each combined over chunks with one stacked reduction; the
+    coefficients as float32 tensors; the output stored chunk by chunk in ``out_dtype``.
     """
     work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    n = fa.numel()
+    fa, fb = a.reshape(1, -1), b.reshape(1, -1)
+    n = fa.shape[1]
     spans = [(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
 
     def norm(x: torch.Tensor) -> torch.Tensor:
-        parts = torch.stack([torch.linalg.vector_norm(x[i:j].to(work)) for i, j in spans])
-        total = torch.linalg.vector_norm(parts)
+        parts = [torch.linalg.vector_norm(x[:, i:j].to(work), dim=1, keepdim=True) for i, j in spans]
+        total = torch.linalg.vector_norm(torch.stack(parts), dim=0)
         return torch.where(total > EPS, total, torch.ones_like(total))
 
     na, nb = norm(fa), norm(fb)
-    dot = torch.zeros((), dtype=work, device=a.device)
+    with _single_thread():  # a chunk's sum splits across threads: fix the order, fix the bits
+        parts = [((fa[:, i:j].to(work) / na) * (fb[:, i:j].to(work) / nb)).sum(dim=1, keepdim=True) for i, j in spans]
+    dot = torch.stack(parts).sum(dim=0).clamp(-1.0, 1.0)
+    tt = torch.tensor([[t]], dtype=work, device=a.device)
+    linear = dot.abs() > COLINEAR
+    theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
+    sin_theta = torch.sin(theta)
+    ca = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    cb = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    out = torch.empty((1, n), dtype=out_dtype, device=a.device)
     for i, j in spans:
-        dot = dot + ((fa[i:j].to(work) / na) * (fb[i:j].to(work) / nb)).sum()
-    dot = dot.clamp(-1.0, 1.0)
-    tt = torch.tensor(t, dtype=work, device=a.device)
-    if dot.abs().item() > COLINEAR:
-        ca, cb = 1 - tt, tt
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        ca = torch.sin((1 - tt) * theta) / sin_theta
-        cb = torch.sin(tt * theta) / sin_theta
-    out = torch.empty(n, dtype=out_dtype, device=a.device)
-    for i, j in spans:
-        out[i:j] = ca * fa[i:j].to(work) + cb * fb[i:j].to(work)
+        out[:, i:j] = ca * fa[:, i:j].to(work) + cb * fb[:, i:j].to(work)
     return out.reshape(a.shape)
+
+
+class _single_thread:
+    """Run a block with one torch thread (reductions then have one fixed order), then restore."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        if self.threads != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.threads != 1:
+            torch.set_num_threads(self.threads)
 
 
 def resolve_device(device: str) -> str:

@@ -19,6 +19,7 @@ from .models import Model, Resolver, load_model
 from .parameters import filter_matches, resolve
 from .recipe import RECIPE_DTYPES, Recipe, Slice, Source
 from .safetensors_io import ShardEntry, build_header
+from .write_order import write_order
 
 SHARD_METADATA = {"format": "pt"}
 
@@ -42,7 +43,6 @@ class PlannedTensor:
     op: str  # "copy" (bytes as they are), "cast", "slerp"
     t: float | None
     t_source: str | None  # recipe key path that gave t
-    order: tuple  # mergekit's write-order key
 
     @property
     def dtype(self) -> str:
@@ -206,12 +206,11 @@ class _Want:
     t: float
     inputs: tuple[tuple[Source, str], ...]
     slice: Slice
-    layer: int  # output layer index, -1 for pre/post weights
 
 
 def _wanted(recipe: Recipe, slices: tuple[Slice, ...], models: dict[str, Model]) -> list[_Want]:
     arch = models[slices[0].sources[0].model].arch
-    wants = [_Want(n, 0.0, tuple((s, n) for s in slices[0].sources), slices[0], -1) for n in arch.pre]
+    wants = [_Want(n, 0.0, tuple((s, n) for s in slices[0].sources), slices[0]) for n in arch.pre]
     out_layer = 0
     for sl in slices:
         start0, end0 = sl.sources[0].layer_range  # type: ignore[misc]
@@ -220,9 +219,9 @@ def _wanted(recipe: Recipe, slices: tuple[Slice, ...], models: dict[str, Model])
             t = i / (length - 1) if length > 1 else 1.0
             for suffix in arch.layer:
                 ins = tuple((s, arch.layer_name(s.layer_range[0] + i, suffix)) for s in sl.sources)  # type: ignore[index]
-                wants.append(_Want(arch.layer_name(out_layer + i, suffix), t, ins, sl, out_layer + i))
+                wants.append(_Want(arch.layer_name(out_layer + i, suffix), t, ins, sl))
         out_layer += length
-    wants += [_Want(n, 0.0, tuple((s, n) for s in slices[-1].sources), slices[-1], -1) for n in arch.post]
+    wants += [_Want(n, 0.0, tuple((s, n) for s in slices[-1].sources), slices[-1]) for n in arch.post]
     return wants
 
 
@@ -253,6 +252,7 @@ def plan_stage(recipe: Recipe, models: dict[str, Model], out_shard_size: int, al
     warnings: list[str] = []
     tensors: list[PlannedTensor] = []
     seen_names: list[str] = []
+    order_inputs: list[list[tuple[str, str]]] = []  # per output, (model, input name): fixes write order
     staged_read = 0
     for w in _wanted(recipe, slices, models):
         arch = models[w.inputs[0][0].model].arch
@@ -267,12 +267,11 @@ def plan_stage(recipe: Recipe, models: dict[str, Model], out_shard_size: int, al
                 close = did_you_mean(name, tuple(models[src.model].tensors))
                 raise ModelError(f"{o}: tensor {name!r} required but not present in model {src.model!r}{close}")
         seen_names.append(w.out)
+        order_inputs.append([(src.model, name) for src, name, _ in have])
         staged_read += sum(nbytes_of(e.dtype, shape_of(e)) for _, _, e in have)
-        base_name = have[0][1]
         if recipe.merge_method == "slerp" and len(have) == 2:
             base_ref = w.slice.base_model or recipe.base_model
             (sa, na, ea), (sb, nb, eb) = sorted(have, key=lambda h: h[0].model != base_ref)
-            base_name = na
             if shape_of(ea) != shape_of(eb):
                 sa_, sb_ = shape_of(ea), shape_of(eb)
                 if w.out in arch.embeds and unsafe_truncate_embeddings and sa_[1:] == sb_[1:]:
@@ -290,14 +289,14 @@ def plan_stage(recipe: Recipe, models: dict[str, Model], out_shard_size: int, al
             if r is None:
                 raise RecipeError("parameters.t", f"missing required parameter t for {w.out} (no filter matches it and there is no fallback)", o)
             expr: Expr = cast(Slerp(a, b, float(r.value), a.dtype), out_dtype)
-            tensors.append(PlannedTensor(w.out, expr, "slerp", float(r.value), r.source, (base_name, w.layer)))
+            tensors.append(PlannedTensor(w.out, expr, "slerp", float(r.value), r.source))
         else:
             src, name, e = have[0]
             expr = cast(cast(e, dtype), out_dtype)
             op = "copy" if expr is e else "cast"
-            tensors.append(PlannedTensor(w.out, expr, op, None, None, (name, w.layer)))
+            tensors.append(PlannedTensor(w.out, expr, op, None, None))
     _warn_unmatched_filters(recipe, slices, seen_names, warnings)
-    tensors.sort(key=lambda t: t.order)
+    tensors = [tensors[i] for i in write_order(order_inputs)]
     donor_ref = recipe.base_model or slices[0].sources[0].model
     donor = models[donor_ref]
     tok_ref = recipe.base_model if recipe.tokenizer_source == "base" else (recipe.tokenizer_source or donor_ref)
