@@ -51,10 +51,12 @@ def plan_id(stage: StagePlan) -> str:
 
 @dataclass
 class Claim:
-    """The result of claiming an output location for a plan."""
+    """What an output location holds for a plan, decided before anything is written."""
 
     complete: bool  # a committed manifest of this very plan is already there
     records: dict[str, dict]  # shard name -> {"size", "sha256", "tensors"} of shards already written
+    files: list[str]  # what the location held
+    plan_id: str
 
 
 def _json(loc: Location, name: str) -> Any:
@@ -64,24 +66,18 @@ def _json(loc: Location, name: str) -> Any:
         return None
 
 
-def _ours(name: str) -> bool:
-    return name in (MANIFEST, INDEX, STATE_DIR) or (name.startswith("model") and name.endswith(".safetensors"))
-
-
-def claim(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
-    """Check ``out`` may receive this plan's model and record that it does (writes state.json).
+def inspect(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
+    """Decide whether ``out`` may receive this plan's model, reading only.
 
     Refuses a location holding a different model or files nyxray did not write, unless
-    ``overwrite``; with it, stale nyxray files of an older plan are removed first.
+    ``overwrite``. All outputs of a run are inspected before any is written to.
     """
     pid = plan_id(stage)
     files = out.listdir()
-    foreign = [f for f in files if not _ours(f) and not f.startswith(".")]
     if MANIFEST in files:
         manifest = _json(out, MANIFEST) or {}
         if manifest.get("plan_id") == pid:
-            records = {s["name"]: s for s in manifest.get("shards", [])}
-            return Claim(True, records)
+            return Claim(True, {s["name"]: s for s in manifest.get("shards", [])}, files, pid)
         if not overwrite:
             raise OutputError(f"{out.display} already holds a complete model from a different recipe or plan; pass --overwrite to replace it, or choose another output")
     elif STATE_DIR in files:
@@ -91,14 +87,6 @@ def claim(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
     elif files and not overwrite:
         shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "")
         raise OutputError(f"{out.display} is not empty ({shown}) and was not written by nyxray; pass --overwrite to write into it anyway")
-    if overwrite:
-        planned = {s.name for s in stage.shards}
-        for f in files:
-            if f == MANIFEST or (f.endswith(".safetensors") and f.startswith("model") and f not in planned):
-                out.delete(f)
-    for f in files:
-        if f.startswith(".") and ".nyxray-" in f and f.endswith(".tmp"):
-            out.delete(f)  # a temporary shard of a writer that was killed
     records = {}
     state = _json(out, STATE) if STATE_DIR in files else None
     if state and state.get("plan_id") == pid:
@@ -106,9 +94,24 @@ def claim(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
             rec = _json(out, f"{STATE_DIR}/shards/{name}")
             if rec:
                 records[rec["name"]] = rec
+    return Claim(False, records, files, pid)
+
+
+def claim(out: Location, stage: StagePlan, c: Claim, overwrite: bool) -> None:
+    """Take ``out`` for the plan ``inspect`` accepted: with ``overwrite`` remove the stale nyxray
+    files of an older plan; drop temp files of killed writers; record the plan in state.json."""
+    if c.complete:
+        return
+    if overwrite:
+        planned = {s.name for s in stage.shards}
+        for f in c.files:
+            if f == MANIFEST or (f.endswith(".safetensors") and f.startswith("model") and f not in planned):
+                out.delete(f)
+    for f in c.files:
+        if f.startswith(".") and ".nyxray-" in f and f.endswith(".tmp"):
+            out.delete(f)
     out.makedirs()
-    out.write_atomic(STATE, json.dumps({"plan_id": pid, "nyxray_version": __version__, "recipe_sha256": stage.recipe.sha256}).encode())
-    return Claim(False, records)
+    out.write_atomic(STATE, json.dumps({"plan_id": c.plan_id, "nyxray_version": __version__, "recipe_sha256": stage.recipe.sha256}).encode())
 
 
 def record_shard(out: Location, name: str, size: int, sha256: str, tensors: dict[str, str]) -> None:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .commit import Claim, claim, finalize, record_shard
+from .commit import Claim, claim, finalize, inspect, record_shard
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
 from .graph import leaves
@@ -40,8 +40,10 @@ def _signature(unit: Unit) -> tuple:
 def make_units(targets: list[Target], overwrite: bool, share_reads: bool) -> list[Unit]:
     """Claim every target's location (refusing what must not be touched) and build the units."""
     units: list[Unit] = []
+    for tg in targets:  # every location is checked before any is written to
+        tg.claim = inspect(tg.loc, tg.stage, overwrite)
     for tg in targets:
-        tg.claim = claim(tg.loc, tg.stage, overwrite)
+        claim(tg.loc, tg.stage, tg.claim, overwrite)
         # A complete output is still checked shard by shard: a damaged one is rewritten.
         units += [Unit(tg.loc, f"{tg.loc.display}/", sh, tg.claim.records.get(sh.name)) for sh in tg.stage.shards]
     if not share_reads:

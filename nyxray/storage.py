@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|session)", re.I)
 COALESCE_CAP = 64 * 2**20  # bytes: one ranged request never asks for more
-RETRIES = 6
+RETRIES = 3  # on top of the backend's own (botocore and s3fs each retry too): keep the product small
 
 
 def redact(text: str, options: dict[str, Any] | None = None) -> str:
@@ -58,6 +58,8 @@ def _is_transient(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}"
     if re.search(r"AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket|NoSuchKey|Forbidden|\b40[0134]\b", text):
         return False
+    if isinstance(exc, ConnectionRefusedError) or "Could not connect to the endpoint" in text:
+        return False  # nothing listens there; the backend already retried
     return isinstance(exc, (OSError, TimeoutError, ConnectionError)) or bool(
         re.search(r"SlowDown|ServiceUnavailable|InternalError|RequestTimeout|Throttl|5\d\d|Connection|reset|timed out|ClientPayloadError|ServerDisconnected", text)
     )
@@ -321,8 +323,8 @@ def s3_options(options: dict[str, Any]) -> dict[str, Any]:
     if ck:
         out["client_kwargs"] = ck
     cfg = dict(out.get("config_kwargs") or {})
-    cfg.setdefault("retries", {"max_attempts": 8, "mode": "standard"})
-    cfg.setdefault("connect_timeout", 10)
+    cfg.setdefault("retries", {"max_attempts": 5, "mode": "standard"})
+    cfg.setdefault("connect_timeout", 5)
     cfg.setdefault("read_timeout", 60)
     out["config_kwargs"] = cfg
     return out
