@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .errors import OutputError, StorageError
+from .errors import NyxrayError, OutputError, StorageError
 from .graph import Cast, Expr, Leaf, Slerp
 from .plan import StagePlan
 from .storage import Location
@@ -188,19 +188,15 @@ def verify(out: Location) -> list[str]:
         names.add(name)
         url = out.url(name)
         try:
-            data = out.read(name)
-        except StorageError as e:
-            problems.append(f"{name}: {e}")
-            continue
-        if len(data) != rec["size"]:
-            problems.append(f"{name}: size {len(data)} != {rec['size']} in the manifest")
-            continue
-        if hashlib.sha256(data).hexdigest() != rec["sha256"]:
-            problems.append(f"{name}: sha256 does not match the manifest (corrupted)")
-        try:
-            n = header_length(data[:8], url, len(data))
-            tensors, _ = parse_header(data[8 : 8 + n], url, len(data))
-        except Exception as e:  # noqa: BLE001 - any header fault is a verification failure
+            size = out.size(name)
+            if size != rec["size"]:
+                problems.append(f"{name}: size {size} != {rec['size']} in the manifest")
+                continue
+            if out.sha256(name, size) != rec["sha256"]:
+                problems.append(f"{name}: sha256 does not match the manifest (corrupted)")
+            n = header_length(out.read_range(name, 0, min(8, size)), url, size)
+            tensors, _ = parse_header(out.read_range(name, 8, 8 + n), url, size)
+        except NyxrayError as e:
             problems.append(f"{name}: {e}")
             continue
         if set(tensors) != set(rec.get("tensors", {})):

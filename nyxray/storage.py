@@ -12,6 +12,7 @@ exponential backoff and jitter.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -162,6 +163,13 @@ class Location:
         with self.fs.open(path, "rb", cache_type="none") as f:
             f.seek(start)
             return f.read(end - start)
+
+    def sha256(self, name: str, size: int, piece: int = 64 * 2**20) -> str:
+        """sha256 of the first ``size`` bytes of a file, read in pieces (bounded memory)."""
+        h = hashlib.sha256()
+        for start in range(0, size, piece):
+            h.update(self.read_range(name, start, min(size, start + piece)))
+        return h.hexdigest()
 
     def listdir(self, name: str = "") -> list[str]:
         """Base names of the files directly under ``name`` (empty when it does not exist)."""

@@ -49,6 +49,16 @@ class MergeActor:
         self._lock = threading.Lock()
         self._moved = [0, 0]
 
+    def ready(self) -> tuple[str, str, str | None]:
+        """(node id, device, problem): the driver hands units only to actors that answered this."""
+        import torch
+
+        problem = None
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            ip = ray.util.get_node_ip_address()
+            problem = f"device {self.device!r}: no CUDA device is visible to the merge actor on node {ip} (use --device cpu, or a cluster with GPUs)"
+        return self.node_id, self.device, problem
+
     def _progress(self, read: int, written: int) -> None:
         with self._lock:
             self._moved[0] += read
@@ -85,7 +95,13 @@ def execute(
     actor_cpus: float = 1.0,
     actor_gpus: float | None = None,
 ) -> list[dict]:
-    """Run the units on Ray actors; returns per-actor summaries for the report."""
+    """Run the units on Ray actors; returns per-actor summaries for the report.
+
+    A unit goes only to an actor that has started and answered :meth:`MergeActor.ready`, so actors
+    the cluster cannot place (more than it holds, or a restart with no room left after a node was
+    lost) never hold a unit hostage; the others do the work. If no actor can run at all for
+    ``NYXRAY_ACTOR_START_TIMEOUT`` seconds (default 600: time for an autoscaler), the run fails.
+    """
     connect(address)
     n, cpus, gpus = _actor_count(device, actors, actor_cpus, actor_gpus)
     n = min(n, max(1, len(units)))
@@ -97,41 +113,85 @@ def execute(
         max_concurrency=2,  # run() and poll() at once
         scheduling_strategy="SPREAD",
     )
-    dev = "cuda" if gpus > 0 and device == "auto" else ("cpu" if device == "auto" else device)
+    if device == "auto":
+        dev = "cuda" if gpus > 0 else "cpu"
+    elif device.startswith("cuda") and gpus > 0:
+        dev = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU(s): cuda:N would be another's
+    else:
+        dev = device
     handles = [cls.remote(i, dev, max(1, int(cpus))) for i in range(n)]
-    summary = [{"actor": i, "node_id": None, "device": None, "units": 0, "bytes_read": 0, "bytes_written": 0, "busy_s": 0.0} for i in range(n)]
+    summary = [{"actor": i, "node_id": None, "device": None, "units": 0, "bytes_read": 0, "bytes_written": 0, "busy_s": 0.0, "units_lost": 0} for i in range(n)]
     todo = sorted(units, key=lambda u: u.shard.size + u.read_bytes)
     attempts: dict[int, int] = {}
     inflight: dict = {}
-    idle = list(range(n))
+    starting: dict = {}  # ready() probe -> actor index: actors not (yet, or again) known to be up
+    probes = [0] * n
+    idle: list[int] = []
+    start_timeout = float(os.environ.get("NYXRAY_ACTOR_START_TIMEOUT", "600"))
     last_poll = 0.0
+    last_capable = time.monotonic()  # the last time some actor was up (idle or running a unit)
+
+    def probe(i: int) -> None:
+        probes[i] += 1
+        starting[handles[i].ready.remote()] = i
+
+    for i in range(n):
+        probe(i)
     try:
         while todo or inflight:
             while idle and todo:
                 i = idle.pop(0)
                 unit = todo.pop()
                 inflight[handles[i].run.remote(unit)] = (i, unit)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            if inflight or idle:
+                last_capable = time.monotonic()
+            elif not starting:
+                raise NyxrayError("every merge actor was lost; none is left to run the remaining units")
+            elif time.monotonic() - last_capable > start_timeout:
+                raise NyxrayError(
+                    f"no merge actor could start for {start_timeout:.0f} s: each needs {cpus:g} CPU{'s' if cpus != 1 else ''}"
+                    + (f" and {gpus:g} GPU" if gpus else "")
+                    + f"; the cluster has {_resources()} (ask for fewer or smaller actors: --actors, --actor-cpus)"
+                )
+            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=0.5)
             if time.monotonic() - last_poll > 0.5:
                 last_poll = time.monotonic()
-                _poll(handles, progress)
+                _poll([handles[i] for i in range(n) if i not in starting.values()], progress)
             for ref in ready:
+                if ref in starting:
+                    i = starting.pop(ref)
+                    try:
+                        node_id, actual, problem = ray.get(ref, timeout=60)
+                    except ray.exceptions.RayActorError as e:
+                        if getattr(e, "actor_init_failed", False):
+                            raise NyxrayError(f"merge actor {i} could not start: {_first_line(e)}") from None
+                        if probes[i] < 2 * MAX_ATTEMPTS:
+                            probe(i)  # lost while starting (its node went away): it restarts elsewhere
+                        continue  # else: left out; the other actors do the work
+                    if problem:
+                        raise NyxrayError(problem)
+                    summary[i]["node_id"], summary[i]["device"] = node_id, actual
+                    probes[i] = 0
+                    idle.append(i)
+                    continue
                 i, unit = inflight.pop(ref)
-                idle.append(i)
                 try:
-                    result: UnitResult = ray.get(ref)
+                    result: UnitResult = ray.get(ref, timeout=60)
                 except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError) as e:
                     key = id(unit)
                     attempts[key] = attempts.get(key, 0) + 1
+                    summary[i]["units_lost"] += 1
                     if attempts[key] >= MAX_ATTEMPTS:
                         raise NyxrayError(f"shard {unit.label}{unit.shard.name}: its actor was lost {attempts[key]} times ({type(e).__name__}); giving up") from None
                     todo.append(unit)  # another actor takes it; the bytes will be the same
+                    probe(i)  # the actor restarts (max_restarts): it gets units again once it is up
                     continue
                 except ray.exceptions.RayTaskError as e:
                     cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
                     if isinstance(cause, NyxrayError):
                         raise cause from None
                     raise NyxrayError(f"shard {unit.label}{unit.shard.name} failed: {cause!r}" if cause else str(e)) from None
+                idle.append(i)
                 s = summary[result.worker["actor"]]
                 s["node_id"], s["device"] = result.worker["node_id"], result.worker["device"]
                 s["units"] += 1
@@ -139,19 +199,32 @@ def execute(
                     s[k] += getattr(result, k)
                 progress.add(units=1)
                 on_result(unit, result)
-        _poll(handles, progress)
+        _poll([handles[i] for i in range(n) if i not in starting.values()], progress)
     finally:
         for h in handles:
             ray.kill(h)
     return summary
 
 
+def _resources() -> str:
+    res = ray.cluster_resources()
+    return ", ".join(f"{res[k]:g} {k}" for k in ("CPU", "GPU") if k in res) or "no CPUs"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # A creation-task error ends with the exception's own line ("ValueError: ..."); prefer it.
+    return lines[-1] if lines else type(e).__name__
+
+
 def _poll(handles: list, progress: Progress) -> None:
+    if not handles:
+        return
     refs = [h.poll.remote() for h in handles]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
     for ref in ready:
         try:
-            read, written = ray.get(ref)
+            read, written = ray.get(ref, timeout=10)
         except ray.exceptions.RayError:
             continue  # a lost actor's counts are redone by the unit's next attempt
         progress.add(read, written)

@@ -78,10 +78,7 @@ def _reusable(unit: Unit) -> UnitResult | None:
     exp = unit.expected
     if not exp or not unit.out.exists(unit.path) or unit.out.size(unit.path) != exp["size"]:
         return None
-    h = hashlib.sha256()
-    for start in range(0, exp["size"], BATCH_BYTES):
-        h.update(unit.out.read_range(unit.path, start, min(exp["size"], start + BATCH_BYTES)))
-    if h.hexdigest() != exp["sha256"]:
+    if unit.out.sha256(unit.path, exp["size"]) != exp["sha256"]:
         return None
     return UnitResult(unit.path, exp["size"], exp["sha256"], exp["tensors"], 0, 0, 0.0, reused=True)
 
