@@ -14,18 +14,6 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-LAYER_SUFFIXES = (
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
-
 
 @dataclass(frozen=True)
 class ModelShape:
