@@ -30,6 +30,7 @@ T = TypeVar("T")
 
 SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|session)", re.I)
 COALESCE_CAP = 64 * 2**20  # bytes: one ranged request never asks for more
+DEFAULT_PART = 16 * 2**20  # multipart upload part size
 RETRIES = 3  # on top of the backend's own (botocore and s3fs each retry too): keep the product small
 
 
@@ -186,8 +187,10 @@ class Location:
         return with_retries(ls, self.url(name), self.options)
 
     # -- writes --------------------------------------------------------------------------------
-    def open_atomic(self, name: str, part_size: int = 16 * 2**20) -> "AtomicWriter":
-        return AtomicWriter(self, name, part_size)
+    def open_atomic(self, name: str, part_size: int | None = None) -> "AtomicWriter":
+        """A writer for ``name``. Multipart uploads use ``part_size`` bytes per part, else the
+        ``default_block_size`` storage option, else 16 MiB."""
+        return AtomicWriter(self, name, part_size or int(self.options.get("default_block_size", DEFAULT_PART)))
 
     def write_atomic(self, name: str, data: bytes) -> None:
         w = self.open_atomic(name)
