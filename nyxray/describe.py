@@ -45,7 +45,7 @@ def plan_text(p: Plan) -> str:
     if groups:
         lines.append("t per tensor group:")
         for (g, src), ts in sorted(groups.items()):
-            rng = f"{ts[0]:.6g}" if min(ts) == max(ts) else f"{ts[0]:.6g} .. {ts[-1]:.6g} (by layer)"
+            rng = f"{ts[0]:.6g}" if min(ts) == max(ts) else f"{min(ts):.6g} .. {max(ts):.6g} (varies by layer)"
             lines.append(f"  {g}: {rng}  [{src}]")
     for w in p.warnings:
         lines.append(f"warning: {w}")
