@@ -204,3 +204,13 @@ def test_different_recipe_into_existing_output_is_refused(stage1, nyxene_sources
     rc = cli(["merge", STAGE1A, stage1[1], "--models-root", nyxene_sources, "--executor", "local", "--out-shard-size", "6M", "--quiet"])
     assert rc == 1 and "--overwrite" in capsys.readouterr().err
     assert shard_hashes(stage1[1]) == before
+
+
+def test_plan_shows_stages_fusion_shards_reads_and_t(nyxene_sources, capsys):
+    assert cli(["plan", PIPELINE, "--models-root", nyxene_sources, "--out-shard-size", "6M"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("loyal-piano-cybertron-11B: passthrough", "fused:  read 37.6 MB, write 18.8 MB", "staged: read 75.2 MB, write 56.5 MB",
+                   "model-00004-of-00004.safetensors", "fblgit/una-cybertron-7b-v2: 9.4 MB",
+                   "model.layers.*.self_attn.q_proj.weight: 0.25 .. 0.75 (varies by layer)  [parameters.t[2]]",
+                   "model.norm.weight: 0.5  [parameters.t[6]]", "filter 'modelnorm' matches no tensor"):
+        assert needle in text, needle
