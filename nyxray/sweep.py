@@ -3,8 +3,9 @@
 A sweep file is YAML with ``members:`` (a list of ``{name, recipe}``, the recipe a path relative
 to the sweep file or an inline mapping; pipelines allowed) and/or ``base:`` (a recipe) with
 ``grid:`` (a map from a place in the recipe, e.g. ``parameters.t`` or ``parameters.t[2].value``,
-to the list of values it takes). The grid expands to the cross product, with readable member
-names (``grid_prefix`` + ``t=0.3``...). Member ``M`` is written to ``OUT/M`` as a complete model.
+to the list of values it takes; every step of the place must exist in the base, else the sweep
+file is refused naming it). The grid expands to the cross product, with readable member names
+(``grid_prefix`` + ``t=0.3``...). Member ``M`` is written to ``OUT/M`` as a complete model.
 
 Members are planned separately: one member's bad recipe is reported and the others still run,
 unless ``fail_fast``. Their shards that write the same tensors in the same order become one unit,
@@ -27,7 +28,7 @@ from .errors import NyxrayError, RecipeError, did_you_mean
 from .models import Model, Resolver
 from .plan import Plan, parse_size
 from .plan import plan as make_plan
-from .recipe import Recipe, parse_pipeline, parse_recipe
+from .recipe import Recipe, _StrictLoader, parse_pipeline, parse_recipe
 from .storage import location
 
 SWEEP_KEYS = ("members", "base", "grid", "grid_prefix")
@@ -38,35 +39,74 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", text).strip("._") or "member"
 
 
-def _set_path(doc: Any, path: str, value: Any, where: str) -> None:
+def _steps(path: str) -> list[tuple[str | None, str | None]]:
     steps = [(m.group(1), m.group(2)) for m in _STEP.finditer(path)]
-    if not steps:
-        raise RecipeError(where, f"empty grid path {path!r}")
-    node = doc
+    if not steps or "".join(m.group(0) for m in _STEP.finditer(path)) != path.replace(".", ""):
+        raise RecipeError(f"grid.{path}", "not a recipe place: expected keys and [index] steps such as parameters.t or parameters.t[2].value")
+    return steps
+
+
+def _walk(doc: Any, path: str) -> tuple[Any, str | int]:
+    """The container holding ``path``'s last step in ``doc``, and that step; every step must exist."""
+    steps = _steps(path)
+    node, done = doc, ""
     for i, (key, index) in enumerate(steps):
-        last = i == len(steps) - 1
         if key is not None:
-            if not isinstance(node, dict) or (key not in node and not last):
-                have = tuple(node) if isinstance(node, dict) else ()
-                raise RecipeError(where, f"grid path {path!r}: the base recipe has no {key!r} here{did_you_mean(key, have)}")
-            if last:
-                node[key] = value
-            else:
-                node = node[key]
+            if not isinstance(node, dict) or key not in node:
+                have = tuple(str(k) for k in node) if isinstance(node, dict) else ()
+                at = f" under {done!r}" if done else ""
+                raise RecipeError(f"grid.{path}", f"the base recipe has no {key!r}{at}{did_you_mean(key, have)}")
+            step: str | int = key
+            done = f"{done}.{key}" if done else key
         else:
-            j = int(index)
+            j = int(index)  # type: ignore[arg-type]
             if not isinstance(node, list) or j >= len(node):
-                raise RecipeError(where, f"grid path {path!r}: index [{j}] is out of range in the base recipe")
-            if last:
-                node[j] = value
-            else:
-                node = node[j]
+                size = f"has {len(node)} entries" if isinstance(node, list) else "is not a list"
+                raise RecipeError(f"grid.{path}", f"index [{j}] is not in the base recipe: {done or 'the recipe'} {size}")
+            step = j
+            done = f"{done}[{j}]"
+        if i == len(steps) - 1:
+            return node, step
+        node = node[step]
+    raise AssertionError("unreachable")
 
 
 def _short(path: str) -> str:
     """``parameters.t[2].value`` -> ``t2``: the member-name label of a grid axis."""
     parts = [p for p in re.split(r"[.\[\]]+", path) if p and p not in ("parameters", "value", "slices", "sources")]
     return "".join(parts) or path
+
+
+def _label(value: Any) -> str:
+    """A grid value as it appears in a member name: ``0.3``, ``[0.75, 0.25]`` -> ``0.75_0.25``."""
+    if isinstance(value, (list, tuple)):
+        return "_".join(_label(v) for v in value)
+    if isinstance(value, dict):
+        return "_".join(f"{k}-{_label(v)}" for k, v in value.items())
+    return str(value).replace(" ", "")
+
+
+def _load_base(base: Any, base_dir: str, origin: str) -> dict:
+    """The grid's base recipe (a path, YAML text or a mapping) as one YAML document."""
+    where = "base"
+    if isinstance(base, str) and "\n" not in base:
+        path = base if os.path.isabs(base) else os.path.join(base_dir, base)
+        try:
+            with open(path, encoding="utf-8") as f:
+                base, where = f.read(), path
+        except OSError as e:
+            raise RecipeError("base", f"cannot read recipe {base!r}: {e.strerror}", origin) from None
+    if isinstance(base, str):
+        try:
+            docs = [d for d in yaml.load_all(base, Loader=_StrictLoader) if d is not None]
+        except yaml.YAMLError as e:
+            raise RecipeError("base", f"not valid YAML ({where}): {' '.join(str(e).split())}", origin) from None
+        if len(docs) != 1:
+            raise RecipeError("base", f"a grid's base is one recipe, not a pipeline of {len(docs)} documents ({where})", origin)
+        base = docs[0]
+    if not isinstance(base, dict):
+        raise RecipeError("base", "must be a recipe: a path, YAML text or a mapping", origin)
+    return base
 
 
 def _member_recipe(spec: Any, base_dir: str, where: str) -> list[Recipe]:
@@ -87,7 +127,7 @@ def _member_recipe(spec: Any, base_dir: str, where: str) -> list[Recipe]:
 def expand(text: str, origin: str = "<sweep>") -> dict[str, list[Recipe] | NyxrayError]:
     """Sweep YAML -> member name -> its recipes (or the error that makes the member invalid)."""
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         raise RecipeError("", f"not valid YAML: {' '.join(str(e).split())}", origin) from None
     if not isinstance(doc, dict):
@@ -106,6 +146,8 @@ def expand(text: str, origin: str = "<sweep>") -> dict[str, list[Recipe] | Nyxra
         except NyxrayError as e:
             members[name] = e
 
+    if not isinstance(doc.get("members") or [], list):
+        raise RecipeError("members", "must be a list of {name, recipe}", origin)
     for i, m in enumerate(doc.get("members") or []):
         where = f"members[{i}]"
         if not isinstance(m, dict) or set(m) - {"name", "recipe"} or "recipe" not in m:
@@ -118,22 +160,23 @@ def expand(text: str, origin: str = "<sweep>") -> dict[str, list[Recipe] | Nyxra
         grid = doc["grid"]
         if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
             raise RecipeError("grid", "must map recipe places to non-empty lists of values", origin)
-        base = doc["base"]
-        if isinstance(base, str) and "\n" not in base:
-            with open(base if os.path.isabs(base) else os.path.join(base_dir, base), encoding="utf-8") as f:
-                base = yaml.safe_load(f)
-        elif isinstance(base, str):
-            base = yaml.safe_load(base)
-        prefix = str(doc.get("grid_prefix", ""))
-        axes = list(grid)
-        for values in itertools.product(*(grid[a] for a in axes)):
-            label = ",".join(f"{_short(a)}={v}" for a, v in zip(axes, values))
-            name = _safe_name(f"{prefix}{'-' if prefix else ''}{label}".replace(" ", ""))
+        base = _load_base(doc["base"], base_dir, origin)
+        axes = [str(a) for a in grid]
+        try:
+            for a in axes:  # a place missing from the base is the sweep's error, not each member's
+                _walk(base, a)
+        except RecipeError as e:
+            raise RecipeError("", str(e), origin) from None
+        prefix = str(doc.get("grid_prefix") or "")
+        for values in itertools.product(*(grid[a] for a in grid)):
+            label = ",".join(f"{_short(a)}={_label(v)}" for a, v in zip(axes, values))
+            name = _safe_name(f"{prefix}-{label}" if prefix else label)
 
             def make(values: tuple = values, label: str = label) -> list[Recipe]:
                 doc_i = copy.deepcopy(base)
                 for a, v in zip(axes, values):
-                    _set_path(doc_i, a, v, f"grid.{a}")
+                    node, step = _walk(doc_i, a)
+                    node[step] = copy.deepcopy(v)
                 return [parse_recipe(doc_i, yaml.safe_dump(doc_i, sort_keys=False), f"{origin} grid {label}")]
 
             add(name, f"grid ({label})", make)
@@ -147,10 +190,23 @@ def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: 
               unsafe_truncate_embeddings: bool = False, report: str | None = None, **execution: Any) -> dict[str, Any]:
     """Run a sweep file into ``out`` (member ``M`` at ``out/M``); returns the sweep report."""
     started = time.monotonic()
+    from .api import DEVICES, EXECUTORS
+
+    device, executor = execution.get("device", "auto"), execution.get("executor", "ray")
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        raise NyxrayError(f"device {device!r}: expected one of {', '.join(DEVICES)} or cuda:N")
+    if executor not in EXECUTORS:
+        raise NyxrayError(f"executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    if execution.get("actors") is not None and execution["actors"] < 1:
+        raise NyxrayError(f"actors={execution['actors']}: expected at least 1")
     parse_size(out_shard_size)
-    if os.path.exists(sweep):
-        with open(sweep, encoding="utf-8") as f:
-            text, origin = f.read(), sweep
+    sweep = os.fspath(sweep)
+    if "\n" not in sweep and (sweep.endswith((".yml", ".yaml")) or os.path.exists(sweep)):
+        try:
+            with open(sweep, encoding="utf-8") as f:
+                text, origin = f.read(), sweep
+        except OSError as e:
+            raise RecipeError("", f"cannot read sweep file: {e.strerror}", sweep) from None
     else:
         text, origin = sweep, "<sweep>"
     members = expand(text, origin)
