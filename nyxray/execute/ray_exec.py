@@ -195,8 +195,9 @@ def execute(
                 s = summary[result.worker["actor"]]
                 s["node_id"], s["device"] = result.worker["node_id"], result.worker["device"]
                 s["units"] += 1
-                for k in ("bytes_read", "bytes_written", "busy_s"):
-                    s[k] += getattr(result, k)
+                s["bytes_read"] += result.bytes_read
+                s["bytes_written"] += result.unit_bytes_written
+                s["busy_s"] += result.busy_s
                 progress.add(units=1)
                 on_result(unit, result)
         _poll([handles[i] for i in range(n) if i not in starting.values()], progress)

@@ -72,6 +72,11 @@ class UnitResult:
     worker: dict = field(default_factory=dict)
     siblings: list["UnitResult"] = field(default_factory=list)
 
+    @property
+    def unit_bytes_written(self) -> int:
+        """Bytes the whole unit wrote: this shard and its siblings'."""
+        return self.bytes_written + sum(r.bytes_written for r in self.siblings)
+
 
 def _reusable(unit: Unit) -> UnitResult | None:
     """The earlier copy of this shard, if it is still there byte for byte."""
