@@ -28,11 +28,18 @@ def nyxene_sources(tmp_path_factory) -> str:
     return root
 
 
+RAY_WORKER_NODE_ARGS = {"num_cpus": 2, "node_ip_address": "127.0.0.1"}  # each worker node of ray_cluster
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real multi-node Ray cluster on this machine: a head and two worker nodes, 1 CPU each
-    worker, all on 127.0.0.1. Started once; every Ray test runs on it."""
+    """A real multi-node Ray cluster on this machine: a head (1 CPU) and two worker nodes (2 CPUs
+    each), all on 127.0.0.1. Started once; every Ray test runs on it. A test that removes a worker
+    node adds one back (same arguments: ``RAY_WORKER_NODE_ARGS``) before it ends."""
+    from unittest import mock
+
     import ray
+    import ray._private.services as services
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
@@ -40,9 +47,13 @@ def ray_cluster():
         head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False, "resources": {"head": 1}},
     )
     for i in range(2):
-        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", resources={f"worker{i}": 1})
+        cluster.add_node(**RAY_WORKER_NODE_ARGS, resources={f"worker{i}": 1})
     cluster.wait_for_nodes(timeout=60)
-    ray.init(address=cluster.address, logging_level="WARNING")
+    # ray.init turns a 127.0.0.1 address into the host's interface address (resolve_ip_for_localhost),
+    # where nothing listens: the nodes bind 127.0.0.1 only, so the driver would time out after ~60 s
+    # ("Failed to connect to Ray cluster at <host ip>:<port>"). Keep the driver on 127.0.0.1 too.
+    with mock.patch.object(services, "get_node_ip_address", lambda address=None: "127.0.0.1"):
+        ray.init(address=cluster.address, logging_level="WARNING")
     try:
         yield cluster
     finally:
