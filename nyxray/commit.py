@@ -107,9 +107,7 @@ def claim(out: Location, stage: StagePlan, c: Claim, overwrite: bool) -> None:
         for f in c.files:
             if f == MANIFEST or (f.endswith(".safetensors") and f.startswith("model") and f not in planned):
                 out.delete(f)
-    for f in c.files:
-        if f.startswith(".") and ".nyxray-" in f and f.endswith(".tmp"):
-            out.delete(f)
+    out.remove_partial_writes()
     out.makedirs()
     out.write_atomic(STATE, json.dumps({"plan_id": c.plan_id, "nyxray_version": __version__, "recipe_sha256": stage.recipe.sha256}).encode())
 
@@ -166,6 +164,7 @@ def finalize(out: Location, stage: StagePlan, shards: dict[str, dict], pipeline_
         "shards": [dict(shards[s.name], name=s.name) for s in stage.shards],
         "files": sorted(["config.json", *copied] + (["README.md", "mergekit_config.yml"] if write_model_card else []) + ([INDEX] if len(stage.shards) > 1 else [])),
     }
+    out.remove_partial_writes()  # writers lost with their node left these; every unit is done now
     out.write_atomic(MANIFEST, json.dumps(manifest, indent=2).encode())
     out.delete_tree(STATE_DIR)
     return manifest

@@ -220,6 +220,29 @@ class Location:
 
         with_retries(rm, self.url(name), self.options)
 
+    def remove_partial_writes(self) -> int:
+        """Drop what killed writers left under this location: hidden ``.nyxray-*.tmp`` files, and
+        on S3 the pending (never completed, so invisible) multipart uploads. Only call this when no
+        writer of this location is running. Returns how many were removed."""
+        removed = 0
+        for f in self.listdir():
+            if f.startswith(".") and ".nyxray-" in f and f.endswith(".tmp"):
+                self.delete(f)
+                removed += 1
+        if self.protocol in ("s3", "s3a"):
+            bucket, _, prefix = self.root.partition("/")
+
+            def abort() -> int:
+                n = 0
+                for up in self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", []) or []:
+                    if up["Key"].startswith(prefix + "/"):
+                        self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                        n += 1
+                return n
+
+            removed += with_retries(abort, self.display, self.options)
+        return removed
+
     def makedirs(self) -> None:
         if self.is_local:
             try:

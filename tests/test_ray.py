@@ -431,8 +431,4 @@ def test_worker_node_killed_mid_merge(ray_cluster, served, served_plan, served_b
     lost = sum(w["units_lost"] for w in report["actors"])
     assert lost >= 1, f"no unit was lost with the node: {report['actors']}"
     check_report(report, 3, alive_only=False)  # an actor's last unit may have run on the removed node
-    if stray_temps(out):
-        # Everything above holds; what is left is a gap outside the executor: the writer killed
-        # with its node leaves its temporary shard file, which only the next run's claim()
-        # removes; the run commits the output with it still there.
-        pytest.xfail(f"a killed writer's temporary file is left in the committed output: {stray_temps(out)}")
+    assert not stray_temps(out), "a killed writer's temporary file was left in the committed output"

@@ -112,3 +112,21 @@ def test_names_cannot_escape_the_location(loc):
     for bad in ("../x", "/etc/passwd", "a/../../b"):
         with pytest.raises(StorageError, match="escapes"):
             loc.read(bad)
+
+
+def test_partial_writes_of_killed_writers_are_removed(loc, request):
+    loc.makedirs()
+    loc.write_atomic("keep.bin", b"kept")
+    if loc.protocol == "s3":
+        server = request.getfixturevalue("s3_server")
+        bucket, _, prefix = loc.root.partition("/")
+        server.client().create_multipart_upload(Bucket=bucket, Key=f"{prefix}/model-00001-of-00002.safetensors")
+        assert len(server.list_pending_uploads(bucket)) == 1
+        assert loc.remove_partial_writes() == 1
+        assert server.list_pending_uploads(bucket) == []
+    else:
+        w = loc.open_atomic("model.safetensors")
+        w.write(b"partial")
+        w.f.flush()  # a writer that died here, before commit or discard
+        assert loc.remove_partial_writes() == 1
+    assert [n for n in loc.listdir()] == ["keep.bin"]
