@@ -29,29 +29,49 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype) ->
     coefficients as float32 tensors; the output stored chunk by chunk in ``out_dtype``.
     """
     work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    fa, fb = a.reshape(1, -1), b.reshape(1, -1)
-    n = fa.shape[1]
-    spans = [(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+    fa, fb = _Chunks(a, work), _Chunks(b, work)
 
-    def norm(x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.linalg.vector_norm(x[:, i:j].to(work), dim=1, keepdim=True) for i, j in spans]
+    def norm(x: _Chunks) -> torch.Tensor:
+        parts = [torch.linalg.vector_norm(c, dim=1, keepdim=True) for c in x]
         total = torch.linalg.vector_norm(torch.stack(parts), dim=0)
         return torch.where(total > EPS, total, torch.ones_like(total))
 
     na, nb = norm(fa), norm(fb)
     with _single_thread():  # a chunk's sum splits across threads: fix the order, fix the bits
-        parts = [((fa[:, i:j].to(work) / na) * (fb[:, i:j].to(work) / nb)).sum(dim=1, keepdim=True) for i, j in spans]
+        parts = [((ca / na) * (cb / nb)).sum(dim=1, keepdim=True) for ca, cb in zip(fa, fb)]
     dot = torch.stack(parts).sum(dim=0).clamp(-1.0, 1.0)
     tt = torch.tensor([[t]], dtype=work, device=a.device)
     linear = dot.abs() > COLINEAR
     theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
     sin_theta = torch.sin(theta)
-    ca = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
-    cb = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    out = torch.empty((1, n), dtype=out_dtype, device=a.device)
-    for i, j in spans:
-        out[:, i:j] = ca * fa[:, i:j].to(work) + cb * fb[:, i:j].to(work)
+    coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    out = torch.empty((1, fa.n), dtype=out_dtype, device=a.device)
+    for (i, j), ca, cb in zip(fa.spans, fa, fb):
+        out[:, i:j] = coef_a * ca + coef_b * cb
     return out.reshape(a.shape)
+
+
+class _Chunks:
+    """A tensor as [1, n] chunks of 2**20 elements in the work dtype.
+
+    SLERP passes over each input three times (norm, dot, mix). Up to ``CACHE_ELEMENTS`` the
+    converted chunks are kept, so each element is converted once; bigger tensors are converted
+    chunk by chunk on every pass, keeping memory at the inputs plus one chunk.
+    """
+
+    CACHE_ELEMENTS = 1 << 23
+
+    def __init__(self, x: torch.Tensor, work: torch.dtype):
+        self.flat, self.work = x.reshape(1, -1), work
+        self.n = self.flat.shape[1]
+        self.spans = [(i, min(i + CHUNK, self.n)) for i in range(0, self.n, CHUNK)]
+        self.cached = [self.flat[:, i:j].to(work) for i, j in self.spans] if self.n <= self.CACHE_ELEMENTS else None
+
+    def __iter__(self):
+        if self.cached is not None:
+            return iter(self.cached)
+        return (self.flat[:, i:j].to(self.work) for i, j in self.spans)
 
 
 class _single_thread:

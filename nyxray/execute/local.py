@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 from typing import Callable
 
+import torch
+
 from ..ops import resolve_device
 from .progress import Progress
 from .unit import Unit, UnitResult, run_unit
@@ -13,6 +15,17 @@ from .unit import Unit, UnitResult, run_unit
 def execute(units: list[Unit], device: str, progress: Progress, on_result: Callable[[Unit, UnitResult], None]) -> list[dict]:
     """Run every unit here; returns the per-worker summary (one worker)."""
     dev = resolve_device(device)
+    # One torch thread, as in an actor: the reader and writer threads (and hashing) need the other
+    # cores, and OpenMP's spinning costs more than it gains here (bench/README.md).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(units, dev, progress, on_result)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(units: list[Unit], dev: str, progress: Progress, on_result: Callable[[Unit, UnitResult], None]) -> list[dict]:
     worker = {"actor": 0, "node_id": platform.node(), "device": dev, "units": 0, "bytes_read": 0, "bytes_written": 0, "busy_s": 0.0}
     for unit in units:
         result = run_unit(unit, dev, lambda r, w: progress.add(r, w))
