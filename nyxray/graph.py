@@ -74,7 +74,7 @@ def shape_of(e: Expr) -> tuple[int, ...]:
 
 
 def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
-    n = DTYPES[dtype][1]
+    n = DTYPES[dtype][0]
     for d in shape:
         n *= d
     return n

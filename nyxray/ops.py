@@ -13,8 +13,13 @@ from typing import Mapping
 import torch
 
 from .graph import Cast, Expr, Leaf, Slerp
-from .safetensors_io import DTYPES
 
+# safetensors dtype name -> torch dtype
+TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+    "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
+    "U32": torch.uint32, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
+}
 CHUNK = 1 << 20
 EPS = 1e-8
 COLINEAR = 0.9995
@@ -87,18 +92,10 @@ class _single_thread:
             torch.set_num_threads(self.threads)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when this process sees a GPU, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def evaluate(e: Expr, data: Mapping[tuple, memoryview], device: str = "cpu") -> torch.Tensor | memoryview:
-    """Compute an expression from its leaves' bytes. A bare leaf stays bytes (a zero-copy copy)."""
-    if isinstance(e, Leaf):
-        return data[e.key]
-    return _tensor(e, data, device)
+def evaluate(e: Expr, data: Mapping[tuple, memoryview], device: str = "cpu") -> memoryview:
+    """Compute an expression from its leaves' bytes; the result's raw bytes, as safetensors stores them."""
+    flat = _tensor(e, data, device).detach().reshape(-1).contiguous().cpu()
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
 def _tensor(e: Expr, data: Mapping[tuple, memoryview], device: str) -> torch.Tensor:
@@ -106,18 +103,10 @@ def _tensor(e: Expr, data: Mapping[tuple, memoryview], device: str) -> torch.Ten
         buf = data[e.key]
         with warnings.catch_warnings():  # read-only input bytes: nothing here writes to them
             warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(buf, dtype=DTYPES[e.dtype][0]) if len(buf) else torch.empty(0, dtype=DTYPES[e.dtype][0])
+            t = torch.frombuffer(buf, dtype=TORCH_DTYPES[e.dtype]) if len(buf) else torch.empty(0, dtype=TORCH_DTYPES[e.dtype])
         return t.reshape(e.shape).to(device)
     if isinstance(e, Cast):
-        return _tensor(e.child, data, device).to(DTYPES[e.dtype][0])
+        return _tensor(e.child, data, device).to(TORCH_DTYPES[e.dtype])
     if isinstance(e, Slerp):
-        return slerp(_tensor(e.a, data, device), _tensor(e.b, data, device), e.t, DTYPES[e.dtype][0])
+        return slerp(_tensor(e.a, data, device), _tensor(e.b, data, device), e.t, TORCH_DTYPES[e.dtype])
     raise TypeError(f"unknown expression {type(e).__name__}")
-
-
-def to_bytes(x: torch.Tensor | memoryview) -> memoryview:
-    """The raw little-endian bytes of a result, as safetensors stores them."""
-    if isinstance(x, memoryview):
-        return x
-    flat = x.detach().reshape(-1).contiguous().cpu()
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")

@@ -12,30 +12,27 @@ import json
 import struct
 from dataclasses import dataclass
 
-import torch
-
 from .errors import ModelError
 
-# name -> (torch dtype, bytes per element, rank). The rank is the declaration order of the dtype
-# enum in the safetensors library: files are laid out by dtype, highest rank first, then by name.
-DTYPES: dict[str, tuple[torch.dtype, int, int]] = {
-    "BOOL": (torch.bool, 1, 0),
-    "U8": (torch.uint8, 1, 4),
-    "I8": (torch.int8, 1, 5),
-    "F8_E5M2": (torch.float8_e5m2, 1, 6),
-    "F8_E4M3": (torch.float8_e4m3fn, 1, 7),
-    "I16": (torch.int16, 2, 9),
-    "U16": (torch.uint16, 2, 10),
-    "F16": (torch.float16, 2, 11),
-    "BF16": (torch.bfloat16, 2, 12),
-    "I32": (torch.int32, 4, 13),
-    "U32": (torch.uint32, 4, 14),
-    "F32": (torch.float32, 4, 15),
-    "F64": (torch.float64, 8, 17),
-    "I64": (torch.int64, 8, 18),
-    "U64": (torch.uint64, 8, 19),
+# name -> (bytes per element, rank). The rank is the declaration order of the dtype enum in the
+# safetensors library: files are laid out by dtype, highest rank first, then by name.
+DTYPES: dict[str, tuple[int, int]] = {
+    "BOOL": (1, 0),
+    "U8": (1, 4),
+    "I8": (1, 5),
+    "F8_E5M2": (1, 6),
+    "F8_E4M3": (1, 7),
+    "I16": (2, 9),
+    "U16": (2, 10),
+    "F16": (2, 11),
+    "BF16": (2, 12),
+    "I32": (4, 13),
+    "U32": (4, 14),
+    "F32": (4, 15),
+    "F64": (8, 17),
+    "I64": (8, 18),
+    "U64": (8, 19),
 }
-TORCH_TO_ST = {v[0]: k for k, v in DTYPES.items()}
 
 # Recipe dtype names (mergekit's, with an optional "torch." prefix) -> safetensors names.
 RECIPE_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64", "int64": "I64"}
@@ -114,8 +111,8 @@ def parse_header(raw: bytes, url: str, file_size: int) -> tuple[dict[str, Tensor
         ):
             raise ModelError(f"{where}: data_offsets {offsets!r} are not an ordered pair of integers")
         info = TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
-        if info.numel * DTYPES[dtype][1] != info.nbytes:
-            raise ModelError(f"{where}: data_offsets span {info.nbytes} bytes but shape {shape} of {dtype} needs {info.numel * DTYPES[dtype][1]}")
+        if info.numel * DTYPES[dtype][0] != info.nbytes:
+            raise ModelError(f"{where}: data_offsets span {info.nbytes} bytes but shape {shape} of {dtype} needs {info.numel * DTYPES[dtype][0]}")
         if offsets[1] > data_len:
             raise ModelError(f"{where}: data runs past the end of the file (truncated?)")
         tensors[name] = info
@@ -147,14 +144,14 @@ def build_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     Matches the ``safetensors`` library byte for byte: data ordered by dtype rank (descending) then
     name, compact JSON with ``__metadata__`` first, padded with spaces to a multiple of 8 bytes.
     """
-    ordered = sorted(tensors, key=lambda t: (-DTYPES[t[1]][2], t[0]))
+    ordered = sorted(tensors, key=lambda t: (-DTYPES[t[1]][1], t[0]))
     doc: dict[str, object] = {}
     if metadata:
         doc["__metadata__"] = metadata
     offset = 0
     spans = []
     for name, dtype, shape in ordered:
-        n = DTYPES[dtype][1]
+        n = DTYPES[dtype][0]
         for d in shape:
             n *= d
         doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from nyxray.safetensors_io import DTYPES, build_header, header_length, parse_header
+from nyxray.ops import TORCH_DTYPES
+from nyxray.safetensors_io import build_header, header_length, parse_header
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -19,9 +20,9 @@ def test_build_header_matches_safetensors_library(seed):
     for i in range(rng.randint(1, 12)):
         name = f"model.layers.{rng.randint(0, 20)}.t{i}.weight"
         shape = tuple(rng.randint(1, 5) for _ in range(rng.randint(0, 3)))
-        tensors[name] = torch.zeros(shape, dtype=DTYPES[rng.choice(dtypes)][0])
+        tensors[name] = torch.zeros(shape, dtype=TORCH_DTYPES[rng.choice(dtypes)])
     expected = save(tensors, metadata={"format": "pt"})
-    header, entries = build_header([(n, next(k for k, v in DTYPES.items() if v[0] == t.dtype), tuple(t.shape)) for n, t in tensors.items()], {"format": "pt"})
+    header, entries = build_header([(n, next(k for k, v in TORCH_DTYPES.items() if v == t.dtype), tuple(t.shape)) for n, t in tensors.items()], {"format": "pt"})
     assert expected[: len(header)] == header
     assert entries[-1].end == len(expected)
     n = header_length(expected[:8], "x", len(expected))

@@ -5,9 +5,7 @@ from __future__ import annotations
 import platform
 from typing import Callable
 
-import torch
-
-from ..ops import resolve_device
+from ..devices import resolve_device, set_math_threads
 from .progress import Progress
 from .unit import Unit, UnitResult, run_unit
 
@@ -17,12 +15,13 @@ def execute(units: list[Unit], device: str, progress: Progress, on_result: Calla
     dev = resolve_device(device)
     # One torch thread, as in an actor: the reader and writer threads (and hashing) need the other
     # cores, and OpenMP's spinning costs more than it gains here (bench/README.md).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if not any(u.needs_math for u in units):
+        return _run(units, dev, progress, on_result)
+    threads = set_math_threads(1)
     try:
         return _run(units, dev, progress, on_result)
     finally:
-        torch.set_num_threads(threads)
+        set_math_threads(threads)
 
 
 def _run(units: list[Unit], dev: str, progress: Progress, on_result: Callable[[Unit, UnitResult], None]) -> list[dict]:

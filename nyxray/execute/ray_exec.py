@@ -18,7 +18,7 @@ from typing import Callable
 import ray
 
 from ..errors import NyxrayError
-from ..ops import resolve_device
+from ..devices import resolve_device, set_math_threads
 from .progress import Progress
 from .unit import Unit, UnitResult, run_unit
 
@@ -40,9 +40,7 @@ class MergeActor:
     """Owns one device and runs units on it, one at a time; reports bytes moved for progress."""
 
     def __init__(self, index: int, device: str, threads: int):
-        import torch
-
-        torch.set_num_threads(max(1, threads))  # a reused worker keeps its first thread count
+        self.threads = threads  # set on the first unit that computes: copies never import torch
         self.index = index
         self.device = resolve_device(device)
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -70,6 +68,9 @@ class MergeActor:
         return moved[0], moved[1]
 
     def run(self, unit: Unit) -> UnitResult:
+        if unit.needs_math and self.threads:
+            set_math_threads(self.threads)  # explicitly: a reused worker keeps its first thread count
+            self.threads = 0
         result = run_unit(unit, self.device, self._progress)
         result.worker = {"actor": self.index, "node_id": self.node_id, "device": self.device}
         return result

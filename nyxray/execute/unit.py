@@ -17,8 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..graph import leaves
-from ..ops import evaluate, to_bytes
+from ..graph import Expr, Leaf, leaves
 from ..plan import ShardPlan
 from ..storage import Location, Range, read_ranges
 
@@ -51,6 +50,11 @@ class Unit:
     def read_bytes(self) -> int:
         uniq = {leaf for u in [self, *self.siblings] for t in u.shard.tensors for leaf in leaves(t.expr)}
         return sum(leaf.end - leaf.start for leaf in uniq)
+
+    @property
+    def needs_math(self) -> bool:
+        """Whether any tensor is computed (cast or SLERP) rather than copied byte for byte."""
+        return any(not isinstance(t.expr, Leaf) for u in [self, *self.siblings] for t in u.shard.tensors)
 
     @property
     def write_bytes(self) -> int:
@@ -146,6 +150,14 @@ class _ShardStream:
         self.writer.discard()
 
 
+def _compute(expr: Expr, data: dict, device: str) -> memoryview:
+    if isinstance(expr, Leaf):
+        return data[expr.key]  # a copy: the source bytes as they are
+    from ..ops import evaluate  # imports torch on first use only
+
+    return evaluate(expr, data, device)
+
+
 def _batches(rows: list[list]) -> list[list[list]]:
     """Group rows (the same tensor position across outputs) into read batches of ~BATCH_BYTES."""
     out: list[list[list]] = [[]]
@@ -195,7 +207,7 @@ def run_unit(unit: Unit, device: str = "cpu", on_progress: Callable[[int, int], 
                         pending.append(pool.submit(fetch, batches[i + PREFETCH]))
                     for row in batch:
                         for stream, t in zip(streams, row):
-                            stream.put(t.name, to_bytes(evaluate(t.expr, got["data"], device)))
+                            stream.put(t.name, _compute(t.expr, got["data"], device))
                     del got
             done = iter(s.commit() for s in streams)
             results = [r if r is not None else next(done) for r in results]
