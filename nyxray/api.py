@@ -11,17 +11,12 @@ import time
 from typing import Any
 
 from .commit import verify as verify_output
-from .driver import Target, balance, pipeline_text, run_targets, target_report, write_report
-from .errors import NyxrayError
+from .driver import EXECUTORS, Target, balance, check_execution, pipeline_text, run_targets, target_report, write_report
 from .models import Resolver
 from .plan import Plan, parse_size
 from .plan import plan as make_plan
 from .recipe import Recipe, load_pipeline
 from .storage import location
-
-DEVICES = ("auto", "cpu", "cuda")
-EXECUTORS = ("ray", "local")
-
 
 def _resolver(models: dict[str, str] | None, models_root: str | None, storage_options: dict[str, Any] | None) -> Resolver:
     return Resolver(dict(models or {}), models_root, dict(storage_options or {}))
@@ -80,12 +75,7 @@ def merge(
     ``bytes_read``, ``bytes_read_min``, ``bytes_written``, ``tensors``, ``shards``, ``actors``...
     """
     started = time.monotonic()
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise NyxrayError(f"device {device!r}: expected one of {', '.join(DEVICES)} or cuda:N")
-    if executor not in EXECUTORS:
-        raise NyxrayError(f"executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
-    if actors is not None and actors < 1:
-        raise NyxrayError(f"actors={actors}: expected at least 1")
+    check_execution(device, executor, actors)
     recipes = load_pipeline(recipe)
     p = plan(recipes, out_shard_size=out_shard_size, models=models, models_root=models_root, storage_options=storage_options,
              allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings)
@@ -93,9 +83,9 @@ def merge(
     if intermediates:
         root = location(intermediates, storage_options)
         targets = [Target(root.child(st.name), st, st.recipe.text) for st in p.stages[:-1]] + targets
-    workers, _ = run_targets(targets, device=device, overwrite=overwrite, executor=executor, progress=progress,
-                             copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, address=address,
-                             actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
+    workers = run_targets(targets, device=device, overwrite=overwrite, executor=executor, progress=progress,
+                          copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, address=address,
+                          actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
     parts = [target_report(tg) for tg in targets]
     wall = time.monotonic() - started
     moved = sum(x["bytes_read_tensors"] + x["bytes_written"] for x in parts)

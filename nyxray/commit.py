@@ -112,14 +112,14 @@ def claim(out: Location, stage: StagePlan, c: Claim, overwrite: bool) -> None:
     out.write_atomic(STATE, json.dumps({"plan_id": c.plan_id, "nyxray_version": __version__, "recipe_sha256": stage.recipe.sha256}).encode())
 
 
-def record_shard(out: Location, name: str, size: int, sha256: str, tensors: dict[str, str]) -> None:
-    """Remember a finished shard so a resumed run can reuse it after checking its bytes."""
-    rec = {"name": name, "size": size, "sha256": sha256, "tensors": tensors}
-    out.write_atomic(f"{STATE_DIR}/shards/{name}.json", json.dumps(rec).encode())
+def record_shard(out: Location, name: str, record: dict) -> None:
+    """Remember a finished shard (size, sha256, tensors) so a resumed run can reuse it after
+    checking its bytes."""
+    out.write_atomic(f"{STATE_DIR}/shards/{name}.json", json.dumps(dict(record, name=name)).encode())
 
 
 def model_card(stage: StagePlan, out_name: str, pipeline_text: str) -> str:
-    refs = [m for m in stage.recipe.model_refs()]
+    refs = stage.recipe.model_refs()
     hub = [r.split("@")[0] for r in refs if "://" not in r and not r.startswith(("/", "~", ".")) and r.count("/") == 1]
     front = yaml.safe_dump({"base_model": hub, "library_name": "transformers", "tags": ["mergekit", "merge", "nyxray"]}, sort_keys=True)
     method = stage.recipe.merge_method

@@ -9,14 +9,13 @@ read once for all of them.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .commit import Claim, claim, finalize, inspect, record_shard
+from .errors import NyxrayError
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
-from .graph import leaves
 from .plan import StagePlan
 from .recipe import Recipe
 from .storage import Location
@@ -31,6 +30,20 @@ class Target:
     text: str
     results: list[UnitResult] = field(default_factory=list)
     claim: Claim | None = None
+
+
+DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("ray", "local")
+
+
+def check_execution(device: str, executor: str, actors: int | None) -> None:
+    """Validate the execution arguments of a merge or sweep before any model is opened."""
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        raise NyxrayError(f"device {device!r}: expected one of {', '.join(DEVICES)} or cuda:N")
+    if executor not in EXECUTORS:
+        raise NyxrayError(f"executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    if actors is not None and actors < 1:
+        raise NyxrayError(f"actors={actors}: expected at least 1")
 
 
 def _signature(unit: Unit) -> tuple:
@@ -58,9 +71,8 @@ def make_units(targets: list[Target], overwrite: bool, share_reads: bool) -> lis
 
 def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor: str, progress: bool, copy_tokenizer: bool,
                 write_model_card: bool, share_reads: bool = False, address: str | None = None, actors: int | None = None,
-                actor_cpus: float = 1.0, actor_gpus: float | None = None) -> tuple[list[dict], float]:
-    """Run and commit every target; returns (per-actor summaries, seconds spent)."""
-    started = time.monotonic()
+                actor_cpus: float = 1.0, actor_gpus: float | None = None) -> list[dict]:
+    """Run and commit every target; returns the per-actor summaries."""
     units = make_units(targets, overwrite, share_reads)
     by_loc = {tg.loc.display: tg for tg in targets}
 
@@ -69,7 +81,7 @@ def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor
             tg = by_loc[u.out.display]
             tg.results.append(r)
             if not r.reused:
-                record_shard(u.out, u.shard.name, r.size, r.sha256, r.tensors)
+                record_shard(u.out, u.shard.name, _record(r))
 
     pending = [u for u in units if u.expected is None]
     bar = Progress(len(units), sum(u.read_bytes for u in pending), sum(u.write_bytes for u in units), enabled=progress)
@@ -87,16 +99,21 @@ def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor
     for tg in targets:
         assert tg.claim is not None
         if not tg.claim.complete or any(not r.reused for r in tg.results):
-            records = {r.path: {"size": r.size, "sha256": r.sha256, "tensors": r.tensors} for r in tg.results}
+            records = {r.path: _record(r) for r in tg.results}
             finalize(tg.loc, tg.stage, records, tg.text, copy_tokenizer, write_model_card)
-    return workers, time.monotonic() - started
+    return workers
+
+
+def _record(r: UnitResult) -> dict:
+    """What the output protocol keeps of a written shard (state records and the manifest)."""
+    return {"size": r.size, "sha256": r.sha256, "tensors": r.tensors}
 
 
 def target_report(tg: Target) -> dict[str, Any]:
     """Per-output numbers for the report."""
     reused = [r for r in tg.results if r.reused]
     shards = {s.name: s for s in tg.stage.shards}
-    saved = sum(leaf.end - leaf.start for r in reused for leaf in {l for t in shards[r.path].tensors for l in leaves(t.expr)})
+    saved = sum(leaf.end - leaf.start for r in reused for leaf in shards[r.path].leaves)
     return {
         "output": tg.loc.display,
         "tensors": len(tg.stage.tensors),

@@ -74,6 +74,11 @@ class ShardPlan:
     def data_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    @property
+    def leaves(self) -> set[Leaf]:
+        """The distinct source byte ranges this shard reads."""
+        return {leaf for t in self.tensors for leaf in leaves(t.expr)}
+
     def in_file_order(self) -> list[PlannedTensor]:
         by_name = {t.name: t for t in self.tensors}
         return [by_name[e.name] for e in self.entries]
@@ -133,9 +138,8 @@ class Plan:
         """Source bytes the plan needs: each distinct byte of every needed source range, once."""
         spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
         for _, shard in self.shards_to_write(intermediates):
-            for t in shard.tensors:
-                for leaf in leaves(t.expr):
-                    spans.setdefault((leaf.loc.display, leaf.file), []).append((leaf.start, leaf.end))
+            for leaf in shard.leaves:
+                spans.setdefault((leaf.loc.display, leaf.file), []).append((leaf.start, leaf.end))
         total = 0
         for ranges in spans.values():
             end = -1
@@ -149,11 +153,10 @@ class Plan:
         out: dict[str, int] = {}
         seen = set()
         for shard in self.final.shards:
-            for t in shard.tensors:
-                for leaf in leaves(t.expr):
-                    if leaf.key not in seen:
-                        seen.add(leaf.key)
-                        out[leaf.model] = out.get(leaf.model, 0) + leaf.end - leaf.start
+            for leaf in shard.leaves:
+                if leaf.key not in seen:
+                    seen.add(leaf.key)
+                    out[leaf.model] = out.get(leaf.model, 0) + leaf.end - leaf.start
         return out
 
     @property

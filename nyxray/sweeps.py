@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .driver import Target, balance, pipeline_text, run_targets, target_report, write_report
+from .driver import Target, balance, check_execution, pipeline_text, run_targets, target_report, write_report
 from .errors import NyxrayError, RecipeError, did_you_mean
 from .models import Model, Resolver
 from .plan import Plan, parse_size
@@ -190,15 +190,7 @@ def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: 
               unsafe_truncate_embeddings: bool = False, report: str | None = None, **execution: Any) -> dict[str, Any]:
     """Run a sweep file into ``out`` (member ``M`` at ``out/M``); returns the sweep report."""
     started = time.monotonic()
-    from .api import DEVICES, EXECUTORS
-
-    device, executor = execution.get("device", "auto"), execution.get("executor", "ray")
-    if device not in DEVICES and not str(device).startswith("cuda:"):
-        raise NyxrayError(f"device {device!r}: expected one of {', '.join(DEVICES)} or cuda:N")
-    if executor not in EXECUTORS:
-        raise NyxrayError(f"executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
-    if execution.get("actors") is not None and execution["actors"] < 1:
-        raise NyxrayError(f"actors={execution['actors']}: expected at least 1")
+    check_execution(execution.get("device", "auto"), execution.get("executor", "ray"), execution.get("actors"))
     parse_size(out_shard_size)
     sweep = os.fspath(sweep)
     if "\n" not in sweep and (sweep.endswith((".yml", ".yaml")) or os.path.exists(sweep)):
@@ -231,7 +223,7 @@ def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: 
     execution.setdefault("copy_tokenizer", True)
     execution.setdefault("write_model_card", True)
     execution.setdefault("overwrite", False)
-    workers, _ = run_targets(list(targets.values()), share_reads=True, **execution) if targets else ([], 0.0)
+    workers = run_targets(list(targets.values()), share_reads=True, **execution) if targets else []
     header_bytes = sum(m.header_bytes for m in cache.values())
     member_reports = {}
     for name, tg in targets.items():

@@ -48,7 +48,7 @@ class Unit:
 
     @property
     def read_bytes(self) -> int:
-        uniq = {leaf for u in [self, *self.siblings] for t in u.shard.tensors for leaf in leaves(t.expr)}
+        uniq = set().union(*(u.shard.leaves for u in [self, *self.siblings]))
         return sum(leaf.end - leaf.start for leaf in uniq)
 
     @property
