@@ -7,6 +7,7 @@ chunks of 2**20 elements, in one place: never split a tensor's reduction across 
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Mapping
 
@@ -32,9 +33,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype) ->
     Bit for bit what mergekit 0.1.5 computes (run with ``--num-threads 1``): per 2**20-element
     chunk a norm and a dot product, each combined over chunks with one stacked reduction; the
     coefficients as float32 tensors; the output stored chunk by chunk in ``out_dtype``.
+    Every elementwise step writes into this thread's reused buffers (:class:`_Buffers`): a fresh
+    4 MiB temporary per step costs more in page faults than the arithmetic itself.
     """
     work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    fa, fb = _Chunks(a, work), _Chunks(b, work)
+    buf = _Buffers.get(work, a.device)
+    fa, fb = _Chunks(a, work, buf, "a"), _Chunks(b, work, buf, "b")
 
     def norm(x: _Chunks) -> torch.Tensor:
         parts = [torch.linalg.vector_norm(c, dim=1, keepdim=True) for c in x]
@@ -42,8 +46,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype) ->
         return torch.where(total > EPS, total, torch.ones_like(total))
 
     na, nb = norm(fa), norm(fb)
+    parts = []
     with _single_thread():  # a chunk's sum splits across threads: fix the order, fix the bits
-        parts = [((ca / na) * (cb / nb)).sum(dim=1, keepdim=True) for ca, cb in zip(fa, fb)]
+        for ca, cb in zip(fa, fb):
+            x, y = buf.scratch(ca.shape[1])
+            torch.div(ca, na, out=x)
+            torch.div(cb, nb, out=y)
+            parts.append(x.mul_(y).sum(dim=1, keepdim=True))
     dot = torch.stack(parts).sum(dim=0).clamp(-1.0, 1.0)
     tt = torch.tensor([[t]], dtype=work, device=a.device)
     linear = dot.abs() > COLINEAR
@@ -53,30 +62,63 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype) ->
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
     out = torch.empty((1, fa.n), dtype=out_dtype, device=a.device)
     for (i, j), ca, cb in zip(fa.spans, fa, fb):
-        out[:, i:j] = coef_a * ca + coef_b * cb
+        x, y = buf.scratch(j - i)
+        torch.mul(ca, coef_a, out=x)  # IEEE products and sums commute: same bits as coef_a * ca + ...
+        torch.mul(cb, coef_b, out=y)
+        out[:, i:j] = x.add_(y)
     return out.reshape(a.shape)
+
+
+class _Buffers:
+    """One thread's work buffers for one (dtype, device), grown on demand and kept for reuse."""
+
+    _local = threading.local()
+
+    def __init__(self, work: torch.dtype, device: torch.device):
+        self.work, self.device = work, device
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def get(cls, work: torch.dtype, device: torch.device) -> "_Buffers":
+        pools = cls._local.__dict__.setdefault("pools", {})
+        key = (work, str(device))
+        if key not in pools:
+            pools[key] = cls(work, device)
+        return pools[key]
+
+    def take(self, name: str, n: int) -> torch.Tensor:
+        """A [1, n] view of buffer ``name``; its contents are whatever the last user left."""
+        b = self._bufs.get(name)
+        if b is None or b.shape[1] < n:
+            b = self._bufs[name] = torch.empty((1, n), dtype=self.work, device=self.device)
+        return b[:, :n]
+
+    def scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.take("x", n), self.take("y", n)
 
 
 class _Chunks:
     """A tensor as [1, n] chunks of 2**20 elements in the work dtype.
 
-    SLERP passes over each input three times (norm, dot, mix). Up to ``CACHE_ELEMENTS`` the
-    converted chunks are kept, so each element is converted once; bigger tensors are converted
-    chunk by chunk on every pass, keeping memory at the inputs plus one chunk.
+    SLERP passes over each input three times (norm, dot, mix). Up to ``CACHE_ELEMENTS`` the tensor
+    is converted once, whole, into a reused buffer; bigger tensors are converted chunk by chunk on
+    every pass into a one-chunk buffer, keeping memory at the inputs plus the buffers.
     """
 
     CACHE_ELEMENTS = 1 << 23
 
-    def __init__(self, x: torch.Tensor, work: torch.dtype):
-        self.flat, self.work = x.reshape(1, -1), work
+    def __init__(self, x: torch.Tensor, work: torch.dtype, buf: _Buffers, name: str):
+        self.flat, self.buf, self.name = x.reshape(1, -1), buf, name
         self.n = self.flat.shape[1]
         self.spans = [(i, min(i + CHUNK, self.n)) for i in range(0, self.n, CHUNK)]
-        self.cached = [self.flat[:, i:j].to(work) for i, j in self.spans] if self.n <= self.CACHE_ELEMENTS else None
+        self.whole = self.flat if self.flat.dtype == work else None
+        if self.whole is None and self.n <= self.CACHE_ELEMENTS:
+            self.whole = buf.take(name, self.n).copy_(self.flat)
 
     def __iter__(self):
-        if self.cached is not None:
-            return iter(self.cached)
-        return (self.flat[:, i:j].to(self.work) for i, j in self.spans)
+        if self.whole is not None:
+            return (self.whole[:, i:j] for i, j in self.spans)
+        return (self.buf.take(self.name + "-chunk", j - i).copy_(self.flat[:, i:j]) for i, j in self.spans)
 
 
 class _single_thread:

@@ -70,3 +70,28 @@ def test_antiparallel_is_lerp_not_nan():
     out = slerp(a, -a, 0.3, torch.float32)
     assert torch.isfinite(out).all()
     assert torch.allclose(out, 0.7 * a - 0.3 * a, atol=1e-6)
+
+
+def test_reused_buffers_and_chunkwise_conversion_give_the_same_bits(monkeypatch):
+    """The per-thread buffers carry stale data between tensors, and tensors above the whole-tensor
+    cache are converted chunk by chunk: neither may change a single output bit."""
+    import threading
+
+    from nyxray import ops
+
+    g = torch.Generator().manual_seed(7)
+    pairs = [(torch.randn(shape, generator=g).bfloat16(), torch.randn(shape, generator=g).bfloat16()) for shape in [(3000, 701), (5, 7), (1100, 1000)]]
+
+    def run() -> list[torch.Tensor]:
+        return [slerp(a, b, 0.37, torch.bfloat16) for a, b in pairs]
+
+    fresh: list = []
+    thread = threading.Thread(target=lambda: fresh.extend(run()))  # a thread with no buffers yet
+    thread.start()
+    thread.join()
+    big_first = run()  # this thread's buffers: grown by the biggest pair, then reused by smaller ones
+    monkeypatch.setattr(ops._Chunks, "CACHE_ELEMENTS", 1 << 16)
+    chunked = run()
+    for x, y, z in zip(fresh, big_first, chunked):
+        assert torch.equal(x.view(torch.int16), y.view(torch.int16))
+        assert torch.equal(x.view(torch.int16), z.view(torch.int16))
