@@ -198,7 +198,7 @@ def verify(out: Location) -> list[str]:
         except NyxrayError as e:
             problems.append(f"{name}: {e}")
             continue
-        if set(tensors) != set(rec.get("tensors", {})):
+        if set(tensors) != set(rec.get("tensors", [])):
             problems.append(f"{name}: header tensors differ from the manifest")
     if INDEX in manifest.get("files", []):
         index = _json(out, INDEX) or {}

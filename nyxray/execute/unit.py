@@ -68,7 +68,7 @@ class UnitResult:
     path: str
     size: int
     sha256: str
-    tensors: dict[str, str]
+    tensors: list[str]  # names, in file order
     bytes_read: int
     bytes_written: int
     busy_s: float
@@ -89,7 +89,7 @@ def _reusable(unit: Unit) -> UnitResult | None:
         return None
     if unit.out.sha256(unit.path, exp["size"]) != exp["sha256"]:
         return None
-    return UnitResult(unit.path, exp["size"], exp["sha256"], exp["tensors"], 0, 0, 0.0, reused=True)
+    return UnitResult(unit.path, exp["size"], exp["sha256"], list(exp["tensors"]), 0, 0, 0.0, reused=True)
 
 
 class _ShardStream:
@@ -98,8 +98,8 @@ class _ShardStream:
     def __init__(self, unit: Unit, on_progress: Callable[[int, int], None] | None):
         self.unit, self.on_progress = unit, on_progress
         self.writer = unit.out.open_atomic(unit.path)
-        self.file_hash = hashlib.sha256()
-        self.tensor_hashes: dict[str, str] = {}
+        self.file_hash = hashlib.sha256()  # the only pass over the output bytes besides the write
+        self.tensor_names: list[str] = []
         self.q: "queue.Queue[tuple[str, object] | None]" = queue.Queue(maxsize=WRITE_QUEUE)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="nyxray-writer", daemon=True)
@@ -119,7 +119,7 @@ class _ShardStream:
         self.writer.write(data)
         self.file_hash.update(data)
         if name:
-            self.tensor_hashes[name] = hashlib.sha256(data).hexdigest()
+            self.tensor_names.append(name)
             if self.on_progress:
                 self.on_progress(0, len(data))
 
@@ -140,7 +140,7 @@ class _ShardStream:
         self.close()
         self.writer.commit()
         w = self.writer.written
-        return UnitResult(self.unit.path, w, self.file_hash.hexdigest(), self.tensor_hashes, 0, w, 0.0)
+        return UnitResult(self.unit.path, w, self.file_hash.hexdigest(), self.tensor_names, 0, w, 0.0)
 
     def discard(self) -> None:
         try:
