@@ -72,6 +72,8 @@ def merge(
     ``executor="ray"`` runs on Ray (a local instance unless ``address``/``RAY_ADDRESS`` names a
     cluster); ``"local"`` runs in this process. Re-running the same recipe into the same ``out``
     resumes: shards already written and intact are kept. The report has ``wall_s``,
+    ``timings_s`` (plan, start, run, commit), ``throughput_mb_s`` (bytes read and written per
+    second of wall time), ``steady_throughput_mb_s`` (the same per second of ``run``),
     ``bytes_read``, ``bytes_read_min``, ``bytes_written``, ``tensors``, ``shards``, ``actors``...
     """
     started = time.monotonic()
@@ -79,11 +81,12 @@ def merge(
     recipes = load_pipeline(recipe)
     p = plan(recipes, out_shard_size=out_shard_size, models=models, models_root=models_root, storage_options=storage_options,
              allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings)
+    planned = time.monotonic() - started
     targets = [Target(location(out, storage_options), p.final, pipeline_text(recipes))]
     if intermediates:
         root = location(intermediates, storage_options)
         targets = [Target(root.child(st.name), st, st.recipe.text) for st in p.stages[:-1]] + targets
-    workers = run_targets(targets, device=device, overwrite=overwrite, executor=executor, progress=progress,
+    workers, timings = run_targets(targets, device=device, overwrite=overwrite, executor=executor, progress=progress,
                           copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, address=address,
                           actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
     parts = [target_report(tg) for tg in targets]
@@ -100,6 +103,8 @@ def merge(
         "shards_reused": sum(x["shards_reused"] for x in parts),
         "bytes_not_reread": sum(x["bytes_not_reread"] for x in parts),
         "throughput_mb_s": round(moved / max(wall, 1e-9) / 1e6, 1),
+        "timings_s": {"plan": round(planned, 3), **timings},
+        "steady_throughput_mb_s": round(moved / max(timings["run"], 1e-9) / 1e6, 1),
         "actors": workers,
         "balance": balance(workers),
         "warnings": p.warnings,

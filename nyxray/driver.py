@@ -9,6 +9,7 @@ read once for all of them.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +72,13 @@ def make_units(targets: list[Target], overwrite: bool, share_reads: bool) -> lis
 
 def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor: str, progress: bool, copy_tokenizer: bool,
                 write_model_card: bool, share_reads: bool = False, address: str | None = None, actors: int | None = None,
-                actor_cpus: float = 1.0, actor_gpus: float | None = None) -> list[dict]:
-    """Run and commit every target; returns the per-actor summaries."""
+                actor_cpus: float = 1.0, actor_gpus: float | None = None) -> tuple[list[dict], dict[str, float]]:
+    """Run and commit every target; returns the per-actor summaries and the phase timings.
+
+    Timings, in seconds: ``start`` (claiming outputs, connecting, starting workers: until the first
+    unit is handed out), ``run`` (until the last unit is done), ``commit`` (index, config, manifest).
+    """
+    started = time.monotonic()
     units = make_units(targets, overwrite, share_reads)
     by_loc = {tg.loc.display: tg for tg in targets}
 
@@ -96,12 +102,15 @@ def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor
 
         workers = run_ray(units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
     bar.render(final=True)
+    ran = time.monotonic()
+    began = bar.began or ran
     for tg in targets:
         assert tg.claim is not None
         if not tg.claim.complete or any(not r.reused for r in tg.results):
             records = {r.path: _record(r) for r in tg.results}
             finalize(tg.loc, tg.stage, records, tg.text, copy_tokenizer, write_model_card)
-    return workers
+    timings = {"start": began - started, "run": ran - began, "commit": time.monotonic() - ran}
+    return workers, {k: round(v, 3) for k, v in timings.items()}
 
 
 def _record(r: UnitResult) -> dict:

@@ -223,7 +223,8 @@ def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: 
     execution.setdefault("copy_tokenizer", True)
     execution.setdefault("write_model_card", True)
     execution.setdefault("overwrite", False)
-    workers = run_targets(list(targets.values()), share_reads=True, **execution) if targets else []
+    planned = time.monotonic() - started
+    workers, timings = run_targets(list(targets.values()), share_reads=True, **execution) if targets else ([], {})
     header_bytes = sum(m.header_bytes for m in cache.values())
     member_reports = {}
     for name, tg in targets.items():
@@ -236,6 +237,7 @@ def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: 
         "bytes_read": sum(r["bytes_read_tensors"] for r in member_reports.values()) + header_bytes,
         "bytes_read_headers": header_bytes,
         "bytes_written": sum(r["bytes_written"] for r in member_reports.values()),
+        "timings_s": {"plan": round(planned, 3), **timings},
         "members": member_reports,
         "failed": failed,
         "actors": workers,

@@ -132,6 +132,12 @@ def test_fused_pipeline_equals_stages_run_one_by_one(nyxene_sources, stage1, tmp
     # one pass over the sources: every needed byte once, nothing more; no intermediate written
     assert report["bytes_read_tensors"] == report["bytes_read_min"]
     assert sorted(os.listdir(tmp_path)) == ["fused", "staged"]
+    # the phases partition the wall time; steady throughput counts only the run phase
+    phases = report["timings_s"]
+    assert set(phases) == {"plan", "start", "run", "commit"} and min(phases.values()) >= 0
+    assert sum(phases.values()) <= report["wall_s"] + 0.01
+    moved = report["bytes_read_tensors"] + report["bytes_written"]
+    assert report["steady_throughput_mb_s"] == pytest.approx(moved / phases["run"] / 1e6, rel=0.01, abs=0.2)
     # with --intermediates the stages are written too, identical to running them alone
     nyxray.merge(PIPELINE, str(tmp_path / "fused2"), models_root=nyxene_sources, executor="local", out_shard_size="6M",
                  intermediates=inter, progress=False)

@@ -6,6 +6,7 @@ import platform
 from typing import Callable
 
 from ..devices import resolve_device, set_math_threads
+from . import heap
 from .progress import Progress
 from .unit import Unit, UnitResult, run_unit
 
@@ -15,16 +16,18 @@ def execute(units: list[Unit], device: str, progress: Progress, on_result: Calla
     dev = resolve_device(device)
     # One torch thread, as in an actor: the reader and writer threads (and hashing) need the other
     # cores, and OpenMP's spinning costs more than it gains here (bench/README.md).
-    if not any(u.needs_math for u in units):
-        return _run(units, dev, progress, on_result)
-    threads = set_math_threads(1)
-    try:
-        return _run(units, dev, progress, on_result)
-    finally:
-        set_math_threads(threads)
+    with heap.retained():
+        if not any(u.needs_math for u in units):
+            return _run(units, dev, progress, on_result)
+        threads = set_math_threads(1)
+        try:
+            return _run(units, dev, progress, on_result)
+        finally:
+            set_math_threads(threads)
 
 
 def _run(units: list[Unit], dev: str, progress: Progress, on_result: Callable[[Unit, UnitResult], None]) -> list[dict]:
+    progress.begin()
     worker = {"actor": 0, "node_id": platform.node(), "device": dev, "units": 0, "bytes_read": 0, "bytes_written": 0, "busy_s": 0.0}
     for unit in units:
         result = run_unit(unit, dev, lambda r, w: progress.add(r, w))

@@ -26,8 +26,14 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.interval = 0.2 if self.tty else interval
         self.started = time.monotonic()
+        self.began: float | None = None  # when the first unit was handed to a worker
         self._last = 0.0
         self._lock = threading.Lock()
+
+    def begin(self) -> None:
+        """Mark the start of the data movement (after planning, claiming and worker start-up)."""
+        if self.began is None:
+            self.began = time.monotonic()
 
     def add(self, read: int = 0, written: int = 0, units: int = 0) -> None:
         with self._lock:
@@ -37,7 +43,7 @@ class Progress:
         self.render()
 
     def line(self) -> str:
-        elapsed = max(1e-6, time.monotonic() - self.started)
+        elapsed = max(1e-6, time.monotonic() - (self.began or self.started))
         moved = self.read + self.written
         total = self.read_total + self.write_total
         rate = moved / elapsed

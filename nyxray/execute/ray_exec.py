@@ -19,6 +19,7 @@ import ray
 
 from ..errors import NyxrayError
 from ..devices import resolve_device, set_math_threads
+from . import heap
 from .progress import Progress
 from .unit import Unit, UnitResult, run_unit
 
@@ -46,13 +47,12 @@ class MergeActor:
         self.node_id = ray.get_runtime_context().get_node_id()
         self._lock = threading.Lock()
         self._moved = [0, 0]
+        heap.retain()  # this process only runs units
 
     def ready(self) -> tuple[str, str, str | None]:
         """(node id, device, problem): the driver hands units only to actors that answered this."""
-        import torch
-
         problem = None
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        if self.device.startswith("cuda") and not _cuda_available():
             ip = ray.util.get_node_ip_address()
             problem = f"device {self.device!r}: no CUDA device is visible to the merge actor on node {ip} (use --device cpu, or a cluster with GPUs)"
         return self.node_id, self.device, problem
@@ -74,6 +74,12 @@ class MergeActor:
         result = run_unit(unit, self.device, self._progress)
         result.worker = {"actor": self.index, "node_id": self.node_id, "device": self.device}
         return result
+
+
+def _cuda_available() -> bool:
+    import torch  # only for CUDA devices: a CPU actor imports torch on its first unit that computes
+
+    return torch.cuda.is_available()
 
 
 def _actor_count(device: str, actors: int | None, actor_cpus: float, actor_gpus: float | None) -> tuple[int, float, float]:
@@ -143,6 +149,7 @@ def execute(
             while idle and todo:
                 i = idle.pop(0)
                 unit = todo.pop()
+                progress.begin()
                 inflight[handles[i].run.remote(unit)] = (i, unit)
             if inflight or idle:
                 last_capable = time.monotonic()

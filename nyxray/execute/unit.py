@@ -9,6 +9,7 @@ The unit is deterministic: a retry writes the same bytes under the same name.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import queue
 import threading
@@ -176,7 +177,19 @@ def run_unit(unit: Unit, device: str = "cpu", on_progress: Callable[[int, int], 
     """Produce the unit's shard (and its siblings') and return the manifest(s).
 
     ``on_progress(bytes_read, bytes_written)`` is called as data moves (for the progress bar).
+    The cyclic garbage collector is paused meanwhile: a unit makes no cycles worth collecting, and
+    each full collection would walk every object torch and the plan hold.
     """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _run_unit(unit, device, on_progress)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _run_unit(unit: Unit, device: str, on_progress: Callable[[int, int], None] | None) -> UnitResult:
     started = time.monotonic()
     members = [unit, *unit.siblings]
     results: list[UnitResult | None] = [_reusable(u) for u in members]
