@@ -40,9 +40,8 @@ def connect(address: str | None = None) -> None:
 class MergeActor:
     """Owns one device and runs units on it, one at a time; reports bytes moved for progress."""
 
-    def __init__(self, index: int, device: str, threads: int):
-        self.threads = threads  # set on the first unit that computes: copies never import torch
-        self.index = index
+    def __init__(self, index: int, device: str, threads: int, math: bool):
+        self.index, self.threads, self.math = index, threads, math
         self.device = resolve_device(device)
         self.node_id = ray.get_runtime_context().get_node_id()
         self._lock = threading.Lock()
@@ -50,11 +49,17 @@ class MergeActor:
         heap.retain()  # this process only runs units
 
     def ready(self) -> tuple[str, str, str | None]:
-        """(node id, device, problem): the driver hands units only to actors that answered this."""
+        """(node id, device, problem): the driver hands units only to actors that answered this.
+
+        An actor that will compute loads torch here (about a second on a CPU), so that start-up is
+        over before its first unit; copy-only merges never load it.
+        """
         problem = None
         if self.device.startswith("cuda") and not _cuda_available():
             ip = ray.util.get_node_ip_address()
             problem = f"device {self.device!r}: no CUDA device is visible to the merge actor on node {ip} (use --device cpu, or a cluster with GPUs)"
+        if self.math:
+            set_math_threads(self.threads)
         return self.node_id, self.device, problem
 
     def _progress(self, read: int, written: int) -> None:
@@ -68,9 +73,6 @@ class MergeActor:
         return moved[0], moved[1]
 
     def run(self, unit: Unit) -> UnitResult:
-        if unit.needs_math and self.threads:
-            set_math_threads(self.threads)  # explicitly: a reused worker keeps its first thread count
-            self.threads = 0
         result = run_unit(unit, self.device, self._progress)
         result.worker = {"actor": self.index, "node_id": self.node_id, "device": self.device}
         return result
@@ -126,7 +128,8 @@ def execute(
         dev = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU(s): cuda:N would be another's
     else:
         dev = device
-    handles = [cls.remote(i, dev, max(1, int(cpus))) for i in range(n)]
+    math = any(u.needs_math for u in units)
+    handles = [cls.remote(i, dev, max(1, int(cpus)), math) for i in range(n)]
     summary = [{"actor": i, "node_id": None, "device": None, "units": 0, "bytes_read": 0, "bytes_written": 0, "busy_s": 0.0, "units_lost": 0} for i in range(n)]
     todo = sorted(units, key=lambda u: u.shard.size + u.read_bytes)
     attempts: dict[int, int] = {}
