@@ -573,8 +573,10 @@ class Bench:
             return os.path.join(self.recipes, "slerp.yml"), {"models": mapping}
         return PIPELINE, {"models_root": self.s3_models if s3 else self.models}
 
-    def nyx(self, recipe: str, executor: str, actors: int | None = None, s3: bool = False, threads: int | None = None) -> Callable[[str], dict]:
-        """A nyxray merge in this process; ``threads`` sets torch's thread count for the run (local executor)."""
+    def nyx(self, recipe: str, executor: str, actors: int | None = None, s3: bool = False, threads: int | None = None,
+            keep: float = 0.0) -> Callable[[str], dict]:
+        """A nyxray merge in this process; ``threads`` sets torch's thread count for the run (local executor);
+        ``keep``: keep_actors (the Ray actors stay for the next run)."""
         import nyxray
         import torch
 
@@ -588,7 +590,7 @@ class Bench:
                 torch.set_num_threads(threads)
             try:
                 rep = nyxray.merge(path, out, executor=executor, actors=actors, out_shard_size=self.out_shard, progress=False,
-                                   write_model_card=False, **kw)
+                                   write_model_card=False, **({"keep_actors": keep} if keep else {}), **kw)
             finally:
                 torch.set_num_threads(before)
             return _nyx_numbers(rep) | ({"torch_threads": threads} if threads else {})
@@ -859,7 +861,7 @@ class Bench:
                         self.timed(self.case(f"{r}/floor-s3", r, "floor", note="plain s3fs cat_ranges + multipart put"),
                                    self.floor_s3(r), s3=True, group="s3")
             # 4. Ray (before the local executor runs, so the driver starts small): init once (timed), one cold run, steady state
-            ray_ids = [f"{r}/nyxray-ray{n}" for r in R for n in (1, 2)] + ["slerp/nyxray-ray-cold"]
+            ray_ids = [f"{r}/nyxray-ray{n}" for r in R for n in (1, 2)] + [f"{r}/nyxray-ray2-kept" for r in R] + ["slerp/nyxray-ray-cold"]
             sweep_ids = ["sweep/one-job", "sweep/separate"]
             want_ray = (self.any_selected("ray", ray_ids) or self.any_selected("s3", [i for i in s3_ids if "ray" in i])
                         or (self.any_selected("sweep", sweep_ids) and a.sweep_executor == "ray"))
@@ -880,7 +882,17 @@ class Bench:
                     for n in (1, 2):
                         cid = f"{r}/nyxray-ray{n}"
                         if self.selected(cid, "ray"):
-                            self.timed(self.case(cid, r, "nyxray-ray", note="steady state"), self.nyx(r, "ray", n), group="ray")
+                            self.timed(self.case(cid, r, "nyxray-ray", note="Ray up, actors started by the merge"), self.nyx(r, "ray", n), group="ray")
+                for r in R:
+                    cid = f"{r}/nyxray-ray2-kept"
+                    if self.selected(cid, "ray"):
+                        import nyxray
+
+                        self.nyx(r, "ray", 2, keep=120)(self.fresh(f"{r}-warm"))  # untimed: starts the actors this case keeps
+                        shutil.rmtree(self.fresh(f"{r}-warm"), ignore_errors=True)
+                        self.timed(self.case(cid, r, "nyxray-ray", note="Ray up, actors kept by the previous merge (keep_actors)"),
+                                   self.nyx(r, "ray", 2, keep=120), group="ray")
+                        nyxray.release_actors()
                 for r in ("slerp", "pipeline"):
                     if self.s3 and self.selected(f"{r}/nyxray-s3-ray2", "s3"):
                         self.timed(self.case(f"{r}/nyxray-s3-ray2", r, "nyxray-ray"), self.nyx(r, "ray", 2, s3=True), s3=True, group="s3")
@@ -1063,7 +1075,8 @@ def machine_info() -> dict:
 
 # -- report ---------------------------------------------------------------------------------------
 
-ORDER = ("floor", "floor-s3", "mergekit", "nyxray-local", "nyxray-local-1thread", "nyxray-cli", "nyxray-ray1", "nyxray-ray2", "nyxray-ray-cold", "nyxray-s3-local", "nyxray-s3-ray2")
+ORDER = ("floor", "floor-s3", "mergekit", "nyxray-local", "nyxray-local-1thread", "nyxray-cli", "nyxray-ray1", "nyxray-ray2", "nyxray-ray2-kept",
+         "nyxray-ray-cold", "nyxray-s3-local", "nyxray-s3-ray2")
 
 
 def table(b: Bench) -> tuple[str, list[dict]]:
@@ -1125,7 +1138,7 @@ def verdicts(b: Bench) -> list[str]:
             out.append(f"{label} <= {target}x mergekit: not measured (no mergekit run)")
             return
         parts = []
-        for k in ("nyxray-local", "nyxray-local-1thread", "nyxray-ray1", "nyxray-ray2", "nyxray-cli", "nyxray-ray-cold"):
+        for k in ("nyxray-local", "nyxray-local-1thread", "nyxray-ray1", "nyxray-ray2", "nyxray-ray2-kept", "nyxray-cli", "nyxray-ray-cold"):
             w = med(f"{recipe}/{k}")
             if w:
                 parts.append(f"{k.removeprefix('nyxray-')} {w / mkw:.2f}x {'MET' if w / mkw <= target else 'MISSED'}")

@@ -62,6 +62,7 @@ def merge(
     actors: int | None = None,
     actor_cpus: float = 1.0,
     actor_gpus: float | None = None,
+    keep_actors: float = 0.0,
     progress: bool = True,
     report: str | None = None,
 ) -> dict[str, Any]:
@@ -70,14 +71,17 @@ def merge(
     ``recipe`` may be a pipeline; its named stages are fused into one pass and written only when
     ``intermediates`` (a location; each stage goes to ``intermediates/<name>``) is given.
     ``executor="ray"`` runs on Ray (a local instance unless ``address``/``RAY_ADDRESS`` names a
-    cluster); ``"local"`` runs in this process. Re-running the same recipe into the same ``out``
+    cluster); ``"local"`` runs in this process. ``keep_actors`` (seconds) keeps the Ray actors
+    alive that long after the merge, for the next merge of this process to reuse (no process start,
+    no torch import); they hold their CPUs/GPUs meanwhile (:func:`release_actors` stops them).
+    Re-running the same recipe into the same ``out``
     resumes: shards already written and intact are kept. The report has ``wall_s``,
     ``timings_s`` (plan, start, run, commit), ``throughput_mb_s`` (bytes read and written per
     second of wall time), ``steady_throughput_mb_s`` (the same per second of ``run``),
     ``bytes_read``, ``bytes_read_min``, ``bytes_written``, ``tensors``, ``shards``, ``actors``...
     """
     started = time.monotonic()
-    check_execution(device, executor, actors)
+    check_execution(device, executor, actors, keep_actors)
     recipes = load_pipeline(recipe)
     p = plan(recipes, out_shard_size=out_shard_size, models=models, models_root=models_root, storage_options=storage_options,
              allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings)
@@ -88,7 +92,7 @@ def merge(
         targets = [Target(root.child(st.name), st, st.recipe.text) for st in p.stages[:-1]] + targets
     workers, timings = run_targets(targets, device=device, overwrite=overwrite, executor=executor, progress=progress,
                           copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, address=address,
-                          actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
+                          actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus, keep_actors=keep_actors)
     parts = [target_report(tg) for tg in targets]
     wall = time.monotonic() - started
     moved = sum(x["bytes_read_tensors"] + x["bytes_written"] for x in parts)
@@ -119,6 +123,13 @@ def merge(
 def verify(out: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Check a written model against its manifest; returns the problems (empty when intact)."""
     return verify_output(location(out, storage_options))
+
+
+def release_actors() -> int:
+    """Stop the Ray actors that ``keep_actors`` kept for later merges; returns how many."""
+    from .execute.actor_pool import release
+
+    return release()
 
 
 def sweep(*args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -37,7 +37,7 @@ DEVICES = ("auto", "cpu", "cuda")
 EXECUTORS = ("ray", "local")
 
 
-def check_execution(device: str, executor: str, actors: int | None) -> None:
+def check_execution(device: str, executor: str, actors: int | None, keep_actors: float = 0.0) -> None:
     """Validate the execution arguments of a merge or sweep before any model is opened."""
     if device not in DEVICES and not str(device).startswith("cuda:"):
         raise NyxrayError(f"device {device!r}: expected one of {', '.join(DEVICES)} or cuda:N")
@@ -45,6 +45,10 @@ def check_execution(device: str, executor: str, actors: int | None) -> None:
         raise NyxrayError(f"executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
     if actors is not None and actors < 1:
         raise NyxrayError(f"actors={actors}: expected at least 1")
+    if not keep_actors >= 0:
+        raise NyxrayError(f"keep_actors={keep_actors}: expected seconds >= 0 (0: stop the actors when the merge ends)")
+    if keep_actors and executor != "ray":
+        raise NyxrayError(f"keep_actors={keep_actors}: only the ray executor has actors to keep")
 
 
 def _signature(unit: Unit) -> tuple:
@@ -72,7 +76,7 @@ def make_units(targets: list[Target], overwrite: bool, share_reads: bool) -> lis
 
 def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor: str, progress: bool, copy_tokenizer: bool,
                 write_model_card: bool, share_reads: bool = False, address: str | None = None, actors: int | None = None,
-                actor_cpus: float = 1.0, actor_gpus: float | None = None) -> tuple[list[dict], dict[str, float]]:
+                actor_cpus: float = 1.0, actor_gpus: float | None = None, keep_actors: float = 0.0) -> tuple[list[dict], dict[str, float]]:
     """Run and commit every target; returns the per-actor summaries and the phase timings.
 
     Timings, in seconds: ``start`` (claiming outputs, connecting, starting workers: until the first
@@ -100,7 +104,8 @@ def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor
     else:
         from .execute.ray_exec import execute as run_ray
 
-        workers = run_ray(units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
+        workers = run_ray(units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus,
+                           keep_actors=keep_actors)
     bar.render(final=True)
     ran = time.monotonic()
     began = bar.began or ran

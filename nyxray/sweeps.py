@@ -190,7 +190,7 @@ def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: 
               unsafe_truncate_embeddings: bool = False, report: str | None = None, **execution: Any) -> dict[str, Any]:
     """Run a sweep file into ``out`` (member ``M`` at ``out/M``); returns the sweep report."""
     started = time.monotonic()
-    check_execution(execution.get("device", "auto"), execution.get("executor", "ray"), execution.get("actors"))
+    check_execution(execution.get("device", "auto"), execution.get("executor", "ray"), execution.get("actors"), execution.get("keep_actors", 0.0))
     parse_size(out_shard_size)
     sweep = os.fspath(sweep)
     if "\n" not in sweep and (sweep.endswith((".yml", ".yaml")) or os.path.exists(sweep)):

@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import pickle
 import socket
 import struct
@@ -525,3 +526,21 @@ def test_unreachable_s3_names_the_url_and_hides_the_secret(capsys, tmp_path, mon
                           "--storage-option", "key=AKIANYXRAYTESTKEY", "--storage-option", f"secret={second}"], url)
     assert second not in line and SECRET not in line
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"keep_actors": -1}, "keep_actors=-1: expected seconds >= 0"),
+        ({"keep_actors": 30, "executor": "local"}, "only the ray executor"),
+        ({"actors": 0}, "actors=0: expected at least 1"),
+    ],
+)
+def test_bad_execution_arguments_fail_before_any_model_is_opened(kwargs, words, tmp_path):
+    import nyxray
+    from nyxray.errors import NyxrayError
+
+    kwargs.setdefault("executor", "ray")
+    with pytest.raises(NyxrayError, match=re.escape(words)):
+        nyxray.merge(recipe(tmp_path, slerp()), str(tmp_path / "out"), models_root=str(tmp_path / "no-such-root"), progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -432,3 +432,59 @@ def test_worker_node_killed_mid_merge(ray_cluster, served, served_plan, served_b
     assert lost >= 1, f"no unit was lost with the node: {report['actors']}"
     check_report(report, 3, alive_only=False)  # an actor's last unit may have run on the removed node
     assert not stray_temps(out), "a killed writer's temporary file was left in the committed output"
+
+
+def _merge_actor_states() -> dict[str, str]:
+    """Actor id -> state of every MergeActor this cluster has had."""
+    from ray._private import state
+
+    return {aid: info["State"] for aid, info in state.actors().items() if info["ActorClassName"].endswith("MergeActor")}
+
+
+def _wait_dead(ids: set[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = _merge_actor_states()
+        if all(states.get(a) == "DEAD" for a in ids):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"kept actors still alive after {timeout} s: {[(a, _merge_actor_states().get(a)) for a in ids]}")
+
+
+def test_kept_actors_run_the_next_merge_and_are_stopped(ray_cluster, nyxene_sources, local_baseline, tmp_path):
+    """keep_actors: the next merge runs on the same actors (no new one), which is then stopped;
+    kept actors stop by themselves after the idle time, on release_actors(), and when a merge
+    needs actors of another shape."""
+    import nyxray
+
+    expected, _ = local_baseline
+    seen = set(_merge_actor_states())
+
+    def new_actors() -> set[str]:
+        ids = set(_merge_actor_states()) - seen
+        seen.update(ids)
+        return ids
+
+    bounded(lambda: merge(str(tmp_path / "a" / "out"), nyxene_sources, actors=2, keep_actors=120))
+    kept = new_actors()
+    assert len(kept) == 2 and all(_merge_actor_states()[a] == "ALIVE" for a in kept)
+    report = bounded(lambda: merge(str(tmp_path / "b" / "out"), nyxene_sources, actors=2))  # reuses them, keeps nothing
+    assert files_of(str(tmp_path / "b" / "out")) == expected
+    assert new_actors() == set(), "the second merge started actors instead of reusing the kept ones"
+    check_report(report, 2)
+    _wait_dead(kept)
+
+    bounded(lambda: merge(str(tmp_path / "c" / "out"), nyxene_sources, actors=2, keep_actors=1))
+    _wait_dead(new_actors())  # the idle timer stops them
+
+    bounded(lambda: merge(str(tmp_path / "d" / "out"), nyxene_sources, actors=2, keep_actors=120))
+    assert nyxray.release_actors() == 2
+    _wait_dead(new_actors())
+    assert nyxray.release_actors() == 0
+
+    bounded(lambda: merge(str(tmp_path / "e" / "out"), nyxene_sources, actors=2, keep_actors=120))
+    kept = new_actors()
+    bounded(lambda: merge(str(tmp_path / "f" / "out"), nyxene_sources, actors=1, actor_cpus=2))  # another shape
+    assert files_of(str(tmp_path / "f" / "out")) == expected
+    assert len(new_actors()) == 1
+    _wait_dead(kept)  # stopped before the new actor was asked for: no CPUs held hostage

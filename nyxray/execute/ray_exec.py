@@ -20,6 +20,7 @@ import ray
 from ..errors import NyxrayError
 from ..devices import resolve_device, set_math_threads
 from . import heap
+from .actor_pool import POOL
 from .progress import Progress
 from .unit import Unit, UnitResult, run_unit
 
@@ -40,15 +41,15 @@ def connect(address: str | None = None) -> None:
 class MergeActor:
     """Owns one device and runs units on it, one at a time; reports bytes moved for progress."""
 
-    def __init__(self, index: int, device: str, threads: int, math: bool):
-        self.index, self.threads, self.math = index, threads, math
+    def __init__(self, index: int, device: str, threads: int):
+        self.index, self.threads = index, threads
         self.device = resolve_device(device)
         self.node_id = ray.get_runtime_context().get_node_id()
         self._lock = threading.Lock()
         self._moved = [0, 0]
         heap.retain()  # this process only runs units
 
-    def ready(self) -> tuple[str, str, str | None]:
+    def ready(self, math: bool) -> tuple[str, str, str | None]:
         """(node id, device, problem): the driver hands units only to actors that answered this.
 
         An actor that will compute loads torch here (about a second on a CPU), so that start-up is
@@ -58,7 +59,7 @@ class MergeActor:
         if self.device.startswith("cuda") and not _cuda_available():
             ip = ray.util.get_node_ip_address()
             problem = f"device {self.device!r}: no CUDA device is visible to the merge actor on node {ip} (use --device cpu, or a cluster with GPUs)"
-        if self.math:
+        if math:
             set_math_threads(self.threads)
         return self.node_id, self.device, problem
 
@@ -103,6 +104,7 @@ def execute(
     actors: int | None = None,
     actor_cpus: float = 1.0,
     actor_gpus: float | None = None,
+    keep_actors: float = 0.0,
 ) -> list[dict]:
     """Run the units on Ray actors; returns per-actor summaries for the report.
 
@@ -110,6 +112,8 @@ def execute(
     the cluster cannot place (more than it holds, or a restart with no room left after a node was
     lost) never hold a unit hostage; the others do the work. If no actor can run at all for
     ``NYXRAY_ACTOR_START_TIMEOUT`` seconds (default 600: time for an autoscaler), the run fails.
+    Actors kept by an earlier merge of this process are reused; with ``keep_actors`` seconds this
+    run's actors are kept too (:mod:`.actor_pool`), else they are stopped when it ends.
     """
     connect(address)
     n, cpus, gpus = _actor_count(device, actors, actor_cpus, actor_gpus)
@@ -129,7 +133,10 @@ def execute(
     else:
         dev = device
     math = any(u.needs_math for u in units)
-    handles = [cls.remote(i, dev, max(1, int(cpus)), math) for i in range(n)]
+    threads = max(1, int(cpus))
+    shape = (cpus, gpus, dev, threads)
+    handles = POOL.take(shape, n, lambda i: cls.remote(i, dev, threads))
+    finished = False
     summary = [{"actor": i, "node_id": None, "device": None, "units": 0, "bytes_read": 0, "bytes_written": 0, "busy_s": 0.0, "units_lost": 0} for i in range(n)]
     todo = sorted(units, key=lambda u: u.shard.size + u.read_bytes)
     attempts: dict[int, int] = {}
@@ -143,7 +150,7 @@ def execute(
 
     def probe(i: int) -> None:
         probes[i] += 1
-        starting[handles[i].ready.remote()] = i
+        starting[handles[i].ready.remote(math)] = i
 
     for i in range(n):
         probe(i)
@@ -212,9 +219,13 @@ def execute(
                 progress.add(units=1)
                 on_result(unit, result)
         _poll([handles[i] for i in range(n) if i not in starting.values()], progress)
+        finished = not starting  # every actor answered: none is restarting or unplaced
     finally:
-        for h in handles:
-            ray.kill(h)
+        if finished and keep_actors > 0:
+            POOL.keep(shape, handles, keep_actors)
+        else:
+            for h in handles:
+                ray.kill(h)
     return summary
 
 
