@@ -573,27 +573,47 @@ class Bench:
             return os.path.join(self.recipes, "slerp.yml"), {"models": mapping}
         return PIPELINE, {"models_root": self.s3_models if s3 else self.models}
 
-    def nyx(self, recipe: str, executor: str, actors: int | None = None, s3: bool = False, threads: int | None = None,
-            keep: float = 0.0) -> Callable[[str], dict]:
-        """A nyxray merge in this process; ``threads`` sets torch's thread count for the run (local executor);
+    def nyx(self, recipe: str, executor: str, actors: int | None = None, s3: bool = False, keep: float = 0.0) -> Callable[[str], dict]:
+        """A nyxray merge in this process (which has torch loaded already: the CLI rows pay its import);
         ``keep``: keep_actors (the Ray actors stay for the next run)."""
         import nyxray
-        import torch
 
         path, kw = self.recipe_args(recipe, s3)
         if s3:
             kw["storage_options"] = self.s3_opts
 
         def run(out: str) -> dict:
+            rep = nyxray.merge(path, out, executor=executor, actors=actors, out_shard_size=self.out_shard, progress=False,
+                               write_model_card=False, **({"keep_actors": keep} if keep else {}), **kw)
+            return _nyx_numbers(rep)
+
+        return run
+
+    def kernel(self) -> Callable[[str], dict]:
+        """``nyxray.ops.slerp`` over every SLERP'd tensor of the slerp plan, on random bf16 data of the
+        same shapes (made before timing), in this process with one torch thread: the compute floor."""
+        import torch
+
+        from nyxray.graph import Leaf, Slerp
+        from nyxray.ops import TORCH_DTYPES, slerp
+
+        todo = [t.expr for sh in self.plans["slerp"].final.shards for t in sh.tensors if isinstance(t.expr, Slerp)]
+        g = torch.Generator().manual_seed(0)
+        data = {}
+        for e in todo:
+            for leaf in (e.a, e.b):
+                assert isinstance(leaf, Leaf), "the benchmark's SLERP reads its inputs as stored"
+                if leaf.shape not in data:
+                    data[leaf.shape] = torch.randn(leaf.shape, generator=g).to(TORCH_DTYPES[leaf.dtype])
+
+        def run(out: str) -> dict:
             before = torch.get_num_threads()
-            if threads:
-                torch.set_num_threads(threads)
+            torch.set_num_threads(1)
             try:
-                rep = nyxray.merge(path, out, executor=executor, actors=actors, out_shard_size=self.out_shard, progress=False,
-                                   write_model_card=False, **({"keep_actors": keep} if keep else {}), **kw)
+                n = sum(slerp(data[e.a.shape], data[e.b.shape], e.t, TORCH_DTYPES[e.dtype]).numel() for e in todo)
             finally:
                 torch.set_num_threads(before)
-            return _nyx_numbers(rep) | ({"torch_threads": threads} if threads else {})
+            return {"elements": n, "tensors": len(todo)}
 
         return run
 
@@ -914,10 +934,9 @@ class Bench:
             for r in R:
                 if self.selected(f"{r}/nyxray-local", "local"):
                     self.timed(self.case(f"{r}/nyxray-local", r, "nyxray-local"), self.nyx(r, "local"), group="local")
-            for r in ("slerp", "pipeline"):  # the same with 1 torch thread (the default is one per core)
-                if self.selected(f"{r}/nyxray-local-1thread", "local"):
-                    self.timed(self.case(f"{r}/nyxray-local-1thread", r, "nyxray-local", note="torch.set_num_threads(1)"),
-                               self.nyx(r, "local", threads=1), group="local")
+            if self.selected("slerp/kernel", "local"):
+                self.timed(self.case("slerp/kernel", "slerp", "kernel", note="the SLERP math alone: no I/O, no hashing, 1 thread"),
+                           self.kernel(), group="local")
             for r in ("slerp", "pipeline"):
                 if self.selected(f"{r}/nyxray-cli", "cli"):
                     self.timed(self.case(f"{r}/nyxray-cli", r, "nyxray-cli", inproc=False, note="process incl. start-up"), self.nyx_cli(r), group="cli")
@@ -1075,7 +1094,7 @@ def machine_info() -> dict:
 
 # -- report ---------------------------------------------------------------------------------------
 
-ORDER = ("floor", "floor-s3", "mergekit", "nyxray-local", "nyxray-local-1thread", "nyxray-cli", "nyxray-ray1", "nyxray-ray2", "nyxray-ray2-kept",
+ORDER = ("floor", "floor-s3", "mergekit", "kernel", "nyxray-local", "nyxray-cli", "nyxray-ray1", "nyxray-ray2", "nyxray-ray2-kept",
          "nyxray-ray-cold", "nyxray-s3-local", "nyxray-s3-ray2")
 
 
@@ -1104,8 +1123,8 @@ def table(b: Bench) -> tuple[str, list[dict]]:
             continue
         rd, wr = c.first("bytes_read") or 0, c.first("bytes_written") or 0
         fl = floors_s3.get(c.recipe) if "s3" in c.id and "floor" not in c.id else floors.get(c.recipe)
-        ratio_floor = fl / w if fl and not c.id.endswith("/floor") else None
-        ratio_mk = w / mk[c.recipe] if c.recipe in mk and c.kind != "floor" and not c.id.endswith("/mergekit") else None
+        ratio_floor = fl / w if fl and not c.id.endswith("/floor") and c.kind != "kernel" else None
+        ratio_mk = w / mk[c.recipe] if c.recipe in mk and c.kind not in ("floor", "kernel") and not c.id.endswith("/mergekit") else None
         spread = f"{len(c.runs)}" + (f" ({min(r['wall_s'] for r in c.runs):.2f}-{max(r['wall_s'] for r in c.runs):.2f})" if len(c.runs) > 1 else "")
         rd_s = human(rd) if rd else ("n/a" if c.kind == "mergekit" else "0")
         cpu = c.cpu()
@@ -1138,7 +1157,7 @@ def verdicts(b: Bench) -> list[str]:
             out.append(f"{label} <= {target}x mergekit: not measured (no mergekit run)")
             return
         parts = []
-        for k in ("nyxray-local", "nyxray-local-1thread", "nyxray-ray1", "nyxray-ray2", "nyxray-ray2-kept", "nyxray-cli", "nyxray-ray-cold"):
+        for k in ("nyxray-local", "nyxray-ray1", "nyxray-ray2", "nyxray-ray2-kept", "nyxray-cli", "nyxray-ray-cold"):
             w = med(f"{recipe}/{k}")
             if w:
                 parts.append(f"{k.removeprefix('nyxray-')} {w / mkw:.2f}x {'MET' if w / mkw <= target else 'MISSED'}")
