@@ -80,7 +80,7 @@ class MergeActor:
 
 
 def _cuda_available() -> bool:
-    import torch  # only for CUDA devices: a CPU actor imports torch on its first unit that computes
+    import torch  # only for CUDA devices: a CPU actor imports torch only when the merge computes (ready)
 
     return torch.cuda.is_available()
 
