@@ -338,14 +338,19 @@ def test_deterministic_unit_failure_fails_once_naming_the_cause(ray_cluster, nyx
     assert elapsed < 60, f"failed only after {elapsed:.0f} s: retried?"
     assert not os.path.exists(os.path.join(out, "nyxray-manifest.json"))
 
-    # A deleted file: the same, with "not found".
+    # A deleted file: the same, with "not found". Asked to keep its actors, a failed run stops them.
     os.unlink(victim)
     out2 = str(tmp_path / "out2")
+    seen = set(_merge_actor_states())
     with pytest.raises(NyxrayError) as err:
         bounded(lambda: run_targets([Target(location(out2), p.final, text)], device="cpu", overwrite=False, executor="ray",
-                                   progress=False, copy_tokenizer=True, write_model_card=True, actors=2))
+                                   progress=False, copy_tokenizer=True, write_model_card=True, actors=2, keep_actors=120))
     assert leaf.file in str(err.value) and "not found" in str(err.value), str(err.value)
     assert not os.path.exists(os.path.join(out2, "nyxray-manifest.json"))
+    started_here = set(_merge_actor_states()) - seen
+    assert len(started_here) == 2
+    _wait_dead(started_here)
+    assert api.release_actors() == 0
 
 
 def test_more_actors_than_the_cluster_holds(ray_cluster, nyxene_sources, local_baseline, tmp_path):
