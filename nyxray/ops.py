@@ -96,6 +96,16 @@ class _Buffers:
     def scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.take("x", n), self.take("y", n)
 
+    @classmethod
+    def free(cls) -> None:
+        """Drop this thread's buffers (the local executor, done with a merge in a user's process)."""
+        cls._local.__dict__.pop("pools", None)
+
+
+def free_buffers() -> None:
+    """Release the calling thread's SLERP work buffers (up to ~100 MB); they regrow on demand."""
+    _Buffers.free()
+
 
 class _Chunks:
     """A tensor as [1, n] chunks of 2**20 elements in the work dtype.

@@ -95,3 +95,16 @@ def test_reused_buffers_and_chunkwise_conversion_give_the_same_bits(monkeypatch)
     for x, y, z in zip(fresh, big_first, chunked):
         assert torch.equal(x.view(torch.int16), y.view(torch.int16))
         assert torch.equal(x.view(torch.int16), z.view(torch.int16))
+
+
+def test_free_buffers_releases_this_threads_work_memory():
+    from nyxray import ops
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2000, 600, generator=g).bfloat16(), torch.randn(2000, 600, generator=g).bfloat16()
+    before = slerp(a, b, 0.4, torch.bfloat16)
+    pool = ops._Buffers.get(torch.float32, a.device)
+    assert pool._bufs  # the buffers outlive the call: the next tensor reuses them
+    ops.free_buffers()
+    assert ops._Buffers.get(torch.float32, a.device) is not pool
+    assert torch.equal(slerp(a, b, 0.4, torch.bfloat16).view(torch.int16), before.view(torch.int16))

@@ -23,6 +23,9 @@ def execute(units: list[Unit], device: str, progress: Progress, on_result: Calla
         try:
             return _run(units, dev, progress, on_result)
         finally:
+            from ..ops import free_buffers  # torch is loaded already: math ran here
+
+            free_buffers()  # the caller's process, not ours: keep nothing after the merge
             set_math_threads(threads)
 
 
