@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -220,3 +221,10 @@ def test_plan_shows_stages_fusion_shards_reads_and_t(nyxene_sources, capsys):
                    "model.layers.*.self_attn.q_proj.weight: 0.25 .. 0.75 (varies by layer)  [parameters.t[2]]",
                    "model.norm.weight: 0.5  [parameters.t[6]]", "filter 'modelnorm' matches no tensor"):
         assert needle in text, needle
+
+
+def test_cli_summary_states_the_phases(nyxene_sources, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert cli(["merge", STAGE1A, out, "--models-root", nyxene_sources, "--executor", "local", "--out-shard-size", "6M", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^time: plan \d+\.\ds, start-up \d+\.\ds, run \d+\.\ds \([\d.]+ MB/s\), commit \d+\.\ds$", text, re.M), text
