@@ -276,6 +276,11 @@ class AtomicWriter:
         self.direct = loc.protocol in ("s3", "s3a", "gs", "gcs")
         head, _, base = self.final.rpartition("/")
         self.tmp = self.final if self.direct else f"{head}/.{base}.nyxray-{uuid.uuid4().hex[:8]}.tmp"
+        if loc.protocol in ("s3", "s3a"):
+            from .multipart import MultipartUpload  # parts in flight concurrently (s3fs sends them one by one)
+
+            self.f = MultipartUpload(loc.fs, self.final, part_size, loc.url(name), loc.options)
+            return
         kwargs = {"block_size": part_size} if self.direct else {}
         self.f = with_retries(lambda: loc.fs.open(self.tmp, "wb", **kwargs), loc.url(name), loc.options)
 
@@ -299,6 +304,9 @@ class AtomicWriter:
         else:
             try:
                 self.f.close()
+            except StorageError:
+                self.discard()
+                raise
             except Exception as e:  # noqa: BLE001
                 self.discard()
                 raise StorageError(redact(f"{url}: upload failed: {_describe(e)}", self.loc.options)) from None

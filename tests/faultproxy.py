@@ -47,7 +47,8 @@ that has read a response always sees it counted), ``reset``, ``error503``,
 the fault), ``upstream_error`` (server unreachable: the proxy answered 502),
 ``client_abort`` (the client went away mid-request); ``proxy.faults`` is the
 number of injected faults; ``proxy.events`` a bounded log of
-``(method, target, action)``.
+``(method, target, action)``; ``proxy.max_inflight`` the most matching requests it was serving
+at the same moment.
 """
 
 from __future__ import annotations
@@ -211,6 +212,8 @@ class FaultProxy:
     kill_count: how many requests to cut that way (None: all of them).
     match: ``callable(ProxyRequest) -> bool``; only matching requests get
         faults (and count towards kills).  Default: every request.
+    error_reply: (status, reason, S3 error code, message) of the ``error503``
+        fault; default ``503 Slow Down`` / ``SlowDown``.
     listen_host, listen_port: where to listen (default 127.0.0.1, free port).
     io_timeout: socket timeout for client/upstream I/O (idle keep-alive
         client connections are closed after it).
@@ -231,6 +234,7 @@ class FaultProxy:
         kill_after_bytes: Optional[int] = None,
         kill_count: Optional[int] = 1,
         match: Optional[Callable[[ProxyRequest], bool]] = None,
+        error_reply: tuple = (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
         listen_host: str = "127.0.0.1",
         listen_port: int = 0,
         io_timeout: float = 60.0,
@@ -255,12 +259,15 @@ class FaultProxy:
         self.kill_after_bytes = kill_after_bytes
         self.kill_count = kill_count
         self.match = match
+        self.error_reply = error_reply
         self._check_config()
         self._lsock: Optional[socket.socket] = None
         self._accept_thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._conns: set = set()
         self._threads: set = set()
+        self._inflight = 0
+        self.max_inflight = 0  # most matching requests being served at once (high-water mark)
 
     # ------------------------------------------------------------ config
     def _check_config(self) -> None:
@@ -446,6 +453,17 @@ class FaultProxy:
 
     def _handle(self, csock, reader: _Reader, req: ProxyRequest, headers) -> bool:
         """Serve one request; return whether the client connection stays open."""
+        matched = self.match is None or self.match(req)
+        with self._lock:
+            self._inflight += matched
+            self.max_inflight = max(self.max_inflight, self._inflight)
+        try:
+            return self._handle_one(csock, reader, req, headers)
+        finally:
+            with self._lock:
+                self._inflight -= matched
+
+    def _handle_one(self, csock, reader: _Reader, req: ProxyRequest, headers) -> bool:
         action = self._decide(req)
         expect = req.headers.get("expect", "").lower() == "100-continue"
         client_keep = req.version == "HTTP/1.1" and "close" not in req.headers.get(
@@ -635,17 +653,18 @@ class FaultProxy:
 
     def _send_503(self, csock, req: ProxyRequest, close: bool) -> None:
         rid = uuid.uuid4().hex[:16].upper()
+        status, reason, code, message = self.error_reply
         body = (
             '<?xml version="1.0" encoding="UTF-8"?>\n'
-            "<Error><Code>SlowDown</Code>"
-            "<Message>Please reduce your request rate.</Message>"
+            f"<Error><Code>{code}</Code>"
+            f"<Message>{_xml_escape(message)}</Message>"
             f"<Resource>{_xml_escape(req.path)}</Resource>"
             f"<RequestId>{rid}</RequestId></Error>"
         ).encode()
         if req.method == "HEAD":
             body = b""
         head = (
-            "HTTP/1.1 503 Slow Down\r\n"
+            f"HTTP/1.1 {status} {reason}\r\n"
             "Content-Type: application/xml\r\n"
             f"Content-Length: {len(body)}\r\n"
             f"x-amz-request-id: {rid}\r\n"
