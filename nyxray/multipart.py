@@ -3,8 +3,9 @@
 s3fs's file object uploads a file's parts one after another, so a shard moves at the speed of one
 request; against a remote store that is a fraction of what the link carries. Here the writer copies
 each write into the current part buffer and hands every full part to a small thread pool: at most
-``concurrency`` parts are in flight, so memory stays at (concurrency + 1) parts whatever the shard
-size. The object appears only when :meth:`MultipartUpload.close` completes the upload (parts in
+``concurrency`` parts of an upload, and ``PROCESS_INFLIGHT`` parts of all uploads of the process,
+are in flight: memory stays bounded whatever the shard size and however many shards a sweep writes
+at once. The object appears only when :meth:`MultipartUpload.close` completes the upload (parts in
 order); :meth:`MultipartUpload.discard` aborts it. A failed or killed writer never leaves a partial
 object under the final name (a killed one leaves a pending upload, which
 ``Location.remove_partial_writes`` aborts).
@@ -13,6 +14,7 @@ object under the final name (a killed one leaves a pending upload, which
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -21,7 +23,9 @@ from .errors import StorageError
 from .storage import with_retries
 
 MIN_PART = 5 * 2**20  # S3 refuses smaller parts (except the last)
-CONCURRENCY = 4
+CONCURRENCY = 4  # parts in flight per upload
+PROCESS_INFLIGHT = 8  # parts in flight in this process, all uploads together (a sweep writes K shards at once)
+_SLOTS = threading.BoundedSemaphore(PROCESS_INFLIGHT)
 
 
 class MultipartUpload:
@@ -59,10 +63,17 @@ class MultipartUpload:
     def _send(self, body: bytearray) -> None:
         if self.upload_id is None:
             self.upload_id = self._call("create_multipart_upload")["UploadId"]
-        while len(self.inflight) >= self.concurrency:
+        while len(self.inflight) >= self.concurrency or (self.inflight and self.inflight[0].done()):
             self.inflight.popleft().result()  # back-pressure; raises the part's error
+        _SLOTS.acquire()
         self.parts += 1
-        self.inflight.append(self.pool.submit(self._upload_part, self.parts, body))
+        try:
+            part = self.pool.submit(self._upload_part, self.parts, body)
+        except BaseException:
+            _SLOTS.release()
+            raise
+        part.add_done_callback(lambda _: _SLOTS.release())  # also on cancel (discard)
+        self.inflight.append(part)
 
     def _upload_part(self, number: int, body: bytearray) -> None:
         out = self._call("upload_part", UploadId=self.upload_id, PartNumber=number, Body=body)

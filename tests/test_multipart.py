@@ -9,7 +9,9 @@ import uuid
 
 import s3fs
 
-from nyxray.multipart import CONCURRENCY, MIN_PART
+import threading
+
+from nyxray.multipart import CONCURRENCY, MIN_PART, PROCESS_INFLIGHT
 from nyxray.storage import location
 
 
@@ -37,6 +39,21 @@ def test_parts_are_uploaded_concurrently_within_the_bound(s3_server, s3_bucket, 
     assert 2 <= proxy.max_inflight <= CONCURRENCY, proxy.max_inflight
     fs = s3fs.S3FileSystem(**s3_server.storage_options, skip_instance_cache=True)
     assert fs.cat_file(f"{loc.root}/big.bin") == data
+
+
+def test_uploads_of_one_process_share_the_in_flight_bound(s3_server, s3_bucket, fault_proxy):
+    # three shards written at once (as a sweep does): together they never exceed the process bound
+    proxy = fault_proxy(delay_share=1.0, delay_s=0.3, match=_is_part)
+    loc = location(f"s3://{s3_bucket}/mp-{uuid.uuid4().hex[:6]}", s3_server.storage_options_for(proxy.endpoint_url))
+    data = [_payload(6 * MIN_PART + k) for k in range(3)]
+    threads = [threading.Thread(target=_write, args=(loc, f"s{k}.bin", d, 4 * 2**20)) for k, d in enumerate(data)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert CONCURRENCY < proxy.max_inflight <= PROCESS_INFLIGHT, proxy.max_inflight
+    for k, d in enumerate(data):
+        assert loc.read(f"s{k}.bin") == d
 
 
 def test_small_object_is_one_put_and_appears_only_on_commit(s3_server, s3_bucket):
