@@ -59,10 +59,9 @@ def report_text(r: dict[str, Any]) -> str:
         f"read {human(r['bytes_read'])} (plan minimum {human(r['bytes_read_min'])} + headers), wrote {human(r['bytes_written'])}, "
         f"{r['throughput_mb_s']} MB/s",
     ]
-    if "timings_s" in r:
-        t = r["timings_s"]
-        lines.append(f"time: plan {t['plan']:.1f}s, start-up {t['start']:.1f}s, run {t['run']:.1f}s "
-                     f"({r['steady_throughput_mb_s']} MB/s), commit {t['commit']:.1f}s")
+    t = r["timings_s"]
+    lines.append(f"time: plan {t['plan']:.1f}s, start-up {t['start']:.1f}s, run {t['run']:.1f}s "
+                 f"({r['steady_throughput_mb_s']} MB/s), commit {t['commit']:.1f}s")
     for a in r.get("actors", []):
         if a["units"]:
             lines.append(f"  actor {a['actor']} on {str(a['node_id'])[:12]} ({a['device']}): {a['units']} shard(s), "

@@ -44,6 +44,7 @@ class MultipartUpload:
         self.inflight: deque[Future] = deque()
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="nyxray-upload")
         self.concurrency = concurrency
+        self.closed = False  # as a file object's: set once completed or aborted
 
     def _call(self, method: str, **kwargs: Any) -> dict:
         return with_retries(lambda: self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs), self.url, self.options)
@@ -100,6 +101,7 @@ class MultipartUpload:
                         raise
         finally:
             self.pool.shutdown(wait=True)
+        self.closed = True
         self.fs.invalidate_cache(self.path)
 
     def _landed(self, parts: list[dict]) -> bool:
@@ -119,5 +121,6 @@ class MultipartUpload:
         for f in self.inflight:
             f.cancel()
         self.pool.shutdown(wait=True)
+        self.closed = True
         if self.upload_id is not None:
             self._call("abort_multipart_upload", UploadId=self.upload_id)

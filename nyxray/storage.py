@@ -254,10 +254,10 @@ class Location:
 class AtomicWriter:
     """Streams one file; it becomes visible under its final name only on :meth:`commit`.
 
-    Local files: a hidden temporary file in the same directory, fsynced, then renamed. Object
-    stores with a discardable upload (s3fs, gcsfs): the multipart upload is completed on commit and
-    aborted on discard, so an interrupted shard never appears (s3fs would otherwise complete it
-    when an exception leaves a ``with`` block). Other backends: a temporary name, then a move.
+    Local files: a hidden temporary file in the same directory, fsynced, then renamed. S3: nyxray's
+    own multipart upload (:mod:`nyxray.multipart`, parts sent concurrently); gcsfs: its file's
+    upload. Either is completed on commit and aborted on discard, so an interrupted shard never
+    appears. Other backends: a temporary name, then a move.
     """
 
     def __init__(self, loc: Location, name: str, part_size: int):
@@ -324,7 +324,7 @@ class AtomicWriter:
                 os.unlink(self.tmp)
             elif self.direct and hasattr(self.f, "discard"):
                 self.f.discard()  # aborts the multipart upload
-                self.f.closed = True  # else its finaliser would try to upload the (gone) buffer
+                self.f.closed = True  # else a gcsfs file's finaliser would try to upload the (gone) buffer
             else:
                 self.f.close()
                 self.loc.fs.rm_file(self.tmp)

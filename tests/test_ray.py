@@ -375,13 +375,18 @@ def test_cuda_without_a_gpu_fails_at_once(ray_cluster, nyxene_sources, tmp_path)
     assert not os.path.exists(os.path.join(out, "nyxray-manifest.json"))
 
 
-def _merge_actor_nodes() -> dict[str, int]:
-    """Node id -> number of live MergeActors there (the GCS actor table; no dashboard needed)."""
+def _merge_actors() -> dict[str, dict]:
+    """Actor id -> GCS record of every MergeActor this cluster has had (no dashboard needed)."""
     from ray._private import state
 
+    return {aid: info for aid, info in state.actors().items() if info["ActorClassName"].endswith("MergeActor")}
+
+
+def _merge_actor_nodes() -> dict[str, int]:
+    """Node id -> number of live MergeActors there."""
     out: dict[str, int] = {}
-    for info in state.actors().values():
-        if info["ActorClassName"].endswith("MergeActor") and info["State"] == "ALIVE":
+    for info in _merge_actors().values():
+        if info["State"] == "ALIVE":
             node = info["Address"]["NodeID"]
             out[node] = out.get(node, 0) + 1
     return out
@@ -440,10 +445,8 @@ def test_worker_node_killed_mid_merge(ray_cluster, served, served_plan, served_b
 
 
 def _merge_actor_states() -> dict[str, str]:
-    """Actor id -> state of every MergeActor this cluster has had."""
-    from ray._private import state
-
-    return {aid: info["State"] for aid, info in state.actors().items() if info["ActorClassName"].endswith("MergeActor")}
+    """Actor id -> state (ALIVE, DEAD, ...) of every MergeActor this cluster has had."""
+    return {aid: info["State"] for aid, info in _merge_actors().items()}
 
 
 def _wait_dead(ids: set[str], timeout: float = 30.0) -> None:
