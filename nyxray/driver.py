@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .commit import Claim, claim, finalize, inspect, record_shard
+from .devices import check_device
 from .errors import NyxrayError
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
@@ -83,6 +84,7 @@ def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor
     unit is handed out), ``run`` (until the last unit is done), ``commit`` (index, config, manifest).
     """
     started = time.monotonic()
+    check_device(device, executor, address, actor_gpus)  # before any output is claimed
     units = make_units(targets, overwrite, share_reads)
     by_loc = {tg.loc.display: tg for tg in targets}
 
