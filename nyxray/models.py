@@ -1,8 +1,9 @@
 """Model references -> locations -> what a model holds, from its config, index and shard headers.
 
 Resolution order for a reference: an explicit ``--model NAME=URL`` mapping; a URL; the
-``--models-root`` mirror (``ROOT/org/name``); an existing local path; a Hugging Face repo id
-(``org/name`` or ``org/name@revision``: the local hub cache when offline, ``hf://`` otherwise).
+``--models-root`` mirror (``ROOT/org/name``; a mirror has no revisions, so ``@revision`` is refused
+there rather than silently dropped); an existing local path; a Hugging Face repo id (``org/name``
+or ``org/name@revision``: the local hub cache when offline, ``hf://`` otherwise).
 Only metadata is read here: ``config.json``, the shard index and each shard's header (two ranged
 reads per shard). Pickle checkpoints are refused: loading them can run code.
 """
@@ -20,7 +21,7 @@ from .architecture import Architecture, architecture_of
 from .errors import ModelError, StorageError
 from .graph import Expr, Leaf
 from .safetensors_io import header_length, parse_header
-from .storage import Location, location
+from .storage import Location, location, redact
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -46,7 +47,12 @@ class Resolver:
         if "://" in ref:
             return location(ref, self.storage_options)
         if self.models_root and not os.path.isabs(ref):
-            return location(f"{self.models_root.rstrip('/')}/{ref.split('@')[0]}", self.storage_options)
+            if "@" in ref:  # a mirror is one copy per name: it cannot honour a pinned revision
+                raise ModelError(
+                    f"model {ref!r}: --models-root {redact(self.models_root)} holds one copy per model name and cannot serve revision "
+                    f"{ref.partition('@')[2]!r}; map it with --model {ref}=URL, or drop the revision or --models-root"
+                )
+            return location(f"{self.models_root.rstrip('/')}/{ref}", self.storage_options)
         local = os.path.expanduser(ref)
         if os.path.exists(local):
             return location(local)

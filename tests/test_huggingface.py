@@ -47,11 +47,42 @@ def test_repo_ids_resolve_from_the_offline_cache(hub_cache, nyxene_sources, tmp_
     assert hashes(from_hub) and hashes(from_hub) == hashes(from_dir)
 
 
-def test_pinned_revision_resolves(hub_cache, tmp_path, monkeypatch):
+OLD = "89abcdef0123456789abcdef0123456789abcdef"  # an older snapshot, not what refs/main names
+
+
+@pytest.fixture
+def two_snapshots(hub_cache, nyxene_sources):
+    """fblgit/una-cybertron-7b-v2 gains snapshot OLD holding other weights (loyal-piano's); main stays SHA."""
+    base = hub_cache / "models--fblgit--una-cybertron-7b-v2"
+    shutil.copytree(os.path.join(nyxene_sources, "chargoddard/loyal-piano-m7-cdpo"), base / "snapshots" / OLD)
+    assert (base / "refs" / "main").read_text() == SHA
+    return hub_cache
+
+
+def test_pinned_revision_reads_that_snapshot_not_main(two_snapshots, nyxene_sources, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    recipe = open(STAGE1A).read().replace("una-cybertron-7b-v2\n", f"una-cybertron-7b-v2@{SHA}\n")
+    una = "fblgit/una-cybertron-7b-v2"
+    recipe = f"models:\n  - model: {una}@{OLD}\nmerge_method: passthrough\ndtype: bfloat16\n"
     p = nyxray.plan(recipe, out_shard_size="6M")
-    assert any(m.startswith("fblgit/una-cybertron-7b-v2@") for m in p.sources)
+    assert list(p.sources) == [f"{una}@{OLD}"]
+    pinned, main, old = (str(tmp_path / n) for n in ("pinned", "main", "old"))
+    nyxray.merge(recipe, pinned, executor="local", out_shard_size="6M", progress=False)
+    nyxray.merge(recipe.replace(f"@{OLD}", ""), main, executor="local", out_shard_size="6M", progress=False)
+    nyxray.merge(recipe.replace(f"@{OLD}", ""), old, models={una: os.path.join(nyxene_sources, "chargoddard/loyal-piano-m7-cdpo")},
+                 executor="local", out_shard_size="6M", progress=False)
+    assert hashes(pinned) == hashes(old) != hashes(main)
+
+
+def test_pinned_revision_with_models_root_is_refused_naming_it(two_snapshots, nyxene_sources, tmp_path):
+    recipe = open(STAGE1A).read().replace("una-cybertron-7b-v2\n", f"una-cybertron-7b-v2@{OLD}\n")
+    out = tmp_path / "out"
+    with pytest.raises(NyxrayError, match=rf"una-cybertron-7b-v2@{OLD}.*--models-root.*revision.*--model"):
+        nyxray.merge(recipe, str(out), models_root=nyxene_sources, executor="local", out_shard_size="6M", progress=False)
+    assert not out.exists()
+    # mapped explicitly, the pinned name is honoured (--model wins over --models-root)
+    mapped = {f"fblgit/una-cybertron-7b-v2@{OLD}": os.path.join(nyxene_sources, "fblgit/una-cybertron-7b-v2")}
+    p = nyxray.plan(recipe, models=mapped, models_root=nyxene_sources, out_shard_size="6M")
+    assert f"fblgit/una-cybertron-7b-v2@{OLD}" in p.sources
 
 
 def test_repo_missing_from_the_cache_is_a_clear_error(hub_cache, tmp_path, monkeypatch):
