@@ -19,7 +19,8 @@ import yaml
 
 from . import __version__
 from .errors import NyxrayError, OutputError, StorageError
-from .graph import Cast, Expr, Leaf, Slerp
+from .graph import signature
+from .methods.registry import METHODS
 from .plan import StagePlan
 from .storage import Location
 
@@ -29,23 +30,13 @@ STATE = f"{STATE_DIR}/state.json"
 INDEX = "model.safetensors.index.json"
 
 
-def _sig(e: Expr) -> str:
-    if isinstance(e, Leaf):
-        return f"L({e.loc.display}/{e.file}:{e.start}-{e.end}:{e.dtype})"
-    if isinstance(e, Cast):
-        return f"C({_sig(e.child)},{e.dtype})"
-    if isinstance(e, Slerp):
-        return f"S({_sig(e.a)},{_sig(e.b)},{e.t!r},{e.dtype})"
-    raise TypeError(type(e).__name__)
-
-
 def plan_id(stage: StagePlan) -> str:
     """A fingerprint of exactly what a stage writes: shard headers and every tensor's expression."""
-    h = hashlib.sha256(f"nyxray-plan-v1\n{stage.recipe.sha256}\n".encode())
+    h = hashlib.sha256(f"nyxray-plan-v2\n{stage.recipe.sha256}\n".encode())
     for shard in stage.shards:
         h.update(shard.name.encode() + shard.header)
         for t in shard.tensors:
-            h.update(f"{t.name}={_sig(t.expr)}\n".encode())
+            h.update(f"{t.name}={signature(t.expr)}\n".encode())
     return h.hexdigest()
 
 
@@ -122,14 +113,17 @@ def model_card(stage: StagePlan, out_name: str, pipeline_text: str) -> str:
     refs = stage.recipe.model_refs()
     hub = [r.split("@")[0] for r in refs if "://" not in r and not r.startswith(("/", "~", ".")) and r.count("/") == 1]
     front = yaml.safe_dump({"base_model": hub, "library_name": "transformers", "tags": ["mergekit", "merge", "nyxray"]}, sort_keys=True)
-    method = stage.recipe.merge_method
-    base = f" using {stage.recipe.base_model} as a base" if stage.recipe.base_model and method != "slerp" else ""
+    method = METHODS[stage.recipe.merge_method]
+    link = f"[{method.pretty}]({method.reference})" if method.reference else method.pretty
+    # as mergekit's card: the base is named for methods that use one, never for SLERP
+    base = f" using {stage.recipe.base_model} as a base" if stage.recipe.base_model and method.base != "ignored" and method.name != "slerp" else ""
+    seed = f"\n\nIts random draws were seeded with random_seed {stage.random_seed} (reproducible with nyxray)." if method.random else ""
     lines = [
         f"---\n{front}---\n# {out_name}\n",
         "This is a merge of pre-trained language models created with [nyxray](https://pypi.org/project/nyxray/), "
         "which reads and writes [mergekit](https://github.com/arcee-ai/mergekit) recipes.\n",
         "## Merge Details\n### Merge Method\n",
-        f"This model was merged using the {method} merge method{base}.\n",
+        f"This model was merged using the {link} merge method{base}.{seed}\n",
         "### Models Merged\n\nThe following models were included in the merge:\n",
         *[f"* {r}" for r in refs],
         "\n### Configuration\n\nThe following YAML configuration was used to produce this model:\n",

@@ -6,7 +6,8 @@ import re
 from typing import Any
 
 from .execute.progress import human
-from .plan import Plan
+from .methods.registry import METHODS
+from .plan import Plan, StagePlan
 
 
 def _group(name: str) -> str:
@@ -38,18 +39,37 @@ def plan_text(p: Plan) -> str:
     for model, n in p.read_bytes_by_source().items():
         lines.append(f"  {model}: {human(n)}")
     lines.append(f"  total: {human(p.bytes_read_min())} (+ {human(p.header_bytes)} of headers, already read)")
-    groups: dict[tuple[str, str], list[float]] = {}
-    for t in final.tensors:
-        if t.t is not None:
-            groups.setdefault((_group(t.name), t.t_source or ""), []).append(t.t)
-    if groups:
-        lines.append("t per tensor group:")
-        for (g, src), ts in sorted(groups.items()):
-            rng = f"{ts[0]:.6g}" if min(ts) == max(ts) else f"{min(ts):.6g} .. {max(ts):.6g} (varies by layer)"
-            lines.append(f"  {g}: {rng}  [{src}]")
+    lines += _parameter_lines(final)
     for w in p.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def _parameter_lines(stage: StagePlan) -> list[str]:
+    """Per tensor group (layer numbers folded): the range of every parameter and where each value
+    came from in the recipe."""
+    groups: dict[tuple[str, str, str], list[Any]] = {}
+    for t in stage.tensors:
+        for label, value, source in t.params:
+            groups.setdefault((_group(t.name), label, source), []).append(value)
+    if not groups:
+        return []
+    lines = [f"parameters of {stage.recipe.merge_method} per tensor group" + (f" (random_seed {stage.random_seed})" if _random(stage) else "") + ":"]
+    for (g, label, source), values in sorted(groups.items()):
+        lines.append(f"  {g}: {label} = {_span(values)}  [{source}]")
+    return lines
+
+
+def _random(stage: StagePlan) -> bool:
+    method = METHODS.get(stage.recipe.merge_method)
+    return bool(method and method.random)
+
+
+def _span(values: list[Any]) -> str:
+    if any(isinstance(v, bool) or v is None for v in values):
+        return ", ".join(str(v) for v in dict.fromkeys(values))
+    lo, hi = min(values), max(values)
+    return f"{lo:.6g}" if lo == hi else f"{lo:.6g} .. {hi:.6g} (varies by layer)"
 
 
 def report_text(r: dict[str, Any]) -> str:
@@ -59,6 +79,7 @@ def report_text(r: dict[str, Any]) -> str:
         f"read {human(r['bytes_read'])} (plan minimum {human(r['bytes_read_min'])} + headers), wrote {human(r['bytes_written'])}, "
         f"{r['throughput_mb_s']} MB/s",
     ]
+    lines.append(f"executor: {r['executor']['name']} ({r['executor']['why']})")
     t = r["timings_s"]
     lines.append(f"time: plan {t['plan']:.1f}s, start-up {t['start']:.1f}s, run {t['run']:.1f}s "
                  f"({r['steady_throughput_mb_s']} MB/s), commit {t['commit']:.1f}s")

@@ -4,12 +4,14 @@ The planner builds one small expression per output tensor whose leaves are byte 
 files. Pipelines fuse because a later stage's inputs are simply earlier stages' expressions; a
 passthrough output is its source leaf (plus a cast when dtypes differ), so it costs nothing.
 Expressions are plain frozen dataclasses: they pickle to Ray actors and hash for deduplication.
+Every node type answers ``shape``, ``leaves()`` and ``sig()`` itself; a function given anything
+else raises instead of guessing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 from .safetensors_io import DTYPES
 from .storage import Location
@@ -39,6 +41,12 @@ class Leaf:
     def key(self) -> tuple[str, str, int, int]:
         return (self.loc.display, self.file, self.start, self.end)
 
+    def leaves(self) -> list["Leaf"]:
+        return [self]
+
+    def sig(self) -> str:
+        return f"L({self.loc.display}/{self.file}:{self.start}-{self.end}:{self.dtype})"
+
 
 @dataclass(frozen=True)
 class Cast:
@@ -47,30 +55,69 @@ class Cast:
     child: "Expr"
     dtype: str
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.child.shape
+
+    def leaves(self) -> list[Leaf]:
+        return self.child.leaves()
+
+    def sig(self) -> str:
+        return f"C({self.child.sig()},{self.dtype})"
+
 
 @dataclass(frozen=True)
-class Slerp:
-    """Spherical interpolation of ``a`` (the base, t=0) and ``b`` (t=1); result in ``dtype``."""
+class Merge:
+    """One output tensor of a merge method (``nyxray.methods.registry``) over ``inputs``.
 
-    a: "Expr"
-    b: "Expr"
-    t: float
+    ``inputs`` are in the slice's source order and share ``dtype`` (the result's dtype);
+    ``base`` indexes the base model's input. ``params`` are the shared values and ``per_input``
+    the per-input ones (each a tuple aligned as the method's scope says), resolved for this
+    tensor. ``seed`` seeds this tensor's own random generator (random methods only).
+    """
+
+    method: str
+    inputs: tuple["Expr", ...]
+    base: int | None
+    params: tuple[tuple[str, Any], ...]
+    per_input: tuple[tuple[str, tuple[Any, ...]], ...]
+    seed: int | None
     dtype: str
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.inputs[0].shape
 
-Expr = Union[Leaf, Cast, Slerp]
+    def leaves(self) -> list[Leaf]:
+        return [leaf for e in self.inputs for leaf in e.leaves()]
+
+    def sig(self) -> str:
+        values = ",".join(f"{k}={v!r}" for k, v in self.params + self.per_input)
+        inputs = ",".join(e.sig() for e in self.inputs)
+        return f"M({self.method},[{inputs}],base={self.base},{values},seed={self.seed},{self.dtype})"
 
 
-def dtype_of(e: Expr) -> str:
-    return e.dtype
+Expr = Union[Leaf, Cast, Merge]
+NODES = (Leaf, Cast, Merge)
+
+
+def _node(e: Expr) -> Expr:
+    if not isinstance(e, NODES):
+        raise TypeError(f"not a tensor expression: {type(e).__name__}")
+    return e
 
 
 def shape_of(e: Expr) -> tuple[int, ...]:
-    if isinstance(e, Leaf):
-        return e.shape
-    if isinstance(e, Cast):
-        return shape_of(e.child)
-    return shape_of(e.a)
+    return _node(e).shape
+
+
+def leaves(e: Expr) -> list[Leaf]:
+    return _node(e).leaves()
+
+
+def signature(e: Expr) -> str:
+    """A text that changes whenever what ``e`` computes changes (the plan fingerprint uses it)."""
+    return _node(e).sig()
 
 
 def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
@@ -82,14 +129,20 @@ def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
 
 def cast(e: Expr, dtype: str | None) -> Expr:
     """``e`` as ``dtype``; no node when it already is (so passthrough stays a byte copy)."""
-    if dtype is None or dtype_of(e) == dtype:
+    if dtype is None or e.dtype == dtype:
         return e
     return Cast(e, dtype)
 
 
-def leaves(e: Expr) -> list[Leaf]:
-    if isinstance(e, Leaf):
-        return [e]
-    if isinstance(e, Cast):
-        return leaves(e.child)
-    return leaves(e.a) + leaves(e.b)
+_FLOAT_RANK = {"F16": 1, "BF16": 1, "F32": 2, "F64": 3}
+
+
+def promote(dtypes: list[str]) -> str:
+    """The common dtype of a merge's inputs, as ``torch.promote_types`` gives it for floats."""
+    kinds = set(dtypes)
+    if len(kinds) == 1:
+        return dtypes[0]
+    if not kinds <= set(_FLOAT_RANK):
+        raise ValueError(f"cannot merge tensors of dtypes {sorted(kinds)}")
+    top = max(_FLOAT_RANK[d] for d in kinds)
+    return {1: "F32", 2: "F32", 3: "F64"}[top]  # F16 with BF16 promotes to F32

@@ -13,7 +13,9 @@ from typing import Mapping
 
 import torch
 
-from .graph import Cast, Expr, Leaf, Slerp
+from .graph import Cast, Expr, Leaf, Merge
+from .methods import registry
+from .methods.base import Group
 
 # safetensors dtype name -> torch dtype
 TORCH_DTYPES = {
@@ -47,12 +49,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype) ->
 
     na, nb = norm(fa), norm(fb)
     parts = []
-    with _single_thread():  # a chunk's sum splits across threads: fix the order, fix the bits
-        for ca, cb in zip(fa, fb):
-            x, y = buf.scratch(ca.shape[1])
-            torch.div(ca, na, out=x)
-            torch.div(cb, nb, out=y)
-            parts.append(x.mul_(y).sum(dim=1, keepdim=True))
+    # A chunk's sum splits across torch threads: its bits are mergekit --num-threads 1's only on
+    # one thread, which every executor's workers use (nyxray/execute/runtime.py).
+    for ca, cb in zip(fa, fb):
+        x, y = buf.scratch(ca.shape[1])
+        torch.div(ca, na, out=x)
+        torch.div(cb, nb, out=y)
+        parts.append(x.mul_(y).sum(dim=1, keepdim=True))
     dot = torch.stack(parts).sum(dim=0).clamp(-1.0, 1.0)
     tt = torch.tensor([[t]], dtype=work, device=a.device)
     linear = dot.abs() > COLINEAR
@@ -131,19 +134,6 @@ class _Chunks:
         return (self.buf.take(self.name + "-chunk", j - i).copy_(self.flat[:, i:j]) for i, j in self.spans)
 
 
-class _single_thread:
-    """Run a block with one torch thread (reductions then have one fixed order), then restore."""
-
-    def __enter__(self) -> None:
-        self.threads = torch.get_num_threads()
-        if self.threads != 1:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.threads != 1:
-            torch.set_num_threads(self.threads)
-
-
 def evaluate(e: Expr, data: Mapping[tuple, memoryview], device: str = "cpu") -> memoryview:
     """Compute an expression from its leaves' bytes; the result's raw bytes, as safetensors stores them."""
     flat = _tensor(e, data, device).detach().reshape(-1).contiguous().cpu()
@@ -159,6 +149,18 @@ def _tensor(e: Expr, data: Mapping[tuple, memoryview], device: str) -> torch.Ten
         return t.reshape(e.shape).to(device)
     if isinstance(e, Cast):
         return _tensor(e.child, data, device).to(TORCH_DTYPES[e.dtype])
-    if isinstance(e, Slerp):
-        return slerp(_tensor(e.a, data, device), _tensor(e.b, data, device), e.t, TORCH_DTYPES[e.dtype])
+    if isinstance(e, Merge):
+        return _merge(e, data, device)
     raise TypeError(f"unknown expression {type(e).__name__}")
+
+
+def _merge(e: Merge, data: Mapping[tuple, memoryview], device: str) -> torch.Tensor:
+    method = registry.METHODS[e.method]
+    dtype = TORCH_DTYPES[e.dtype]
+    tensors = [_tensor(x, data, device).to(dtype) for x in e.inputs]  # mergekit promotes a group to one dtype
+    generator = torch.Generator().manual_seed(e.seed) if e.seed is not None else None
+    group = Group(tensors, e.base, dict(e.params), {k: list(v) for k, v in e.per_input}, generator)
+    out = registry.function(method)(group)
+    if out.dtype != dtype or out.shape != tensors[0].shape:
+        raise TypeError(f"{e.method} returned {out.dtype} {tuple(out.shape)}, expected {dtype} {tuple(tensors[0].shape)}")
+    return out

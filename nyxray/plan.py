@@ -10,11 +10,15 @@ model error is raised here, naming the recipe key path.
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ModelError, NyxrayError, RecipeError, did_you_mean
-from .graph import Expr, Leaf, Slerp, cast, leaves, nbytes_of, shape_of
+from .graph import Expr, Leaf, Merge, cast, leaves, nbytes_of, promote, shape_of
+from .methods.base import Method, Param
+from .methods.registry import METHODS
 from .models import Model, Resolver, load_model
 from .parameters import filter_matches, resolve
 from .recipe import RECIPE_DTYPES, Recipe, Slice, Source
@@ -40,9 +44,8 @@ class PlannedTensor:
 
     name: str
     expr: Expr
-    op: str  # "copy" (bytes as they are), "cast", "slerp"
-    t: float | None
-    t_source: str | None  # recipe key path that gave t
+    op: str  # "copy" (bytes as they are), "cast", or the merge method's name
+    params: tuple[tuple[str, Any, str], ...] = ()  # (parameter, value, recipe key path that gave it)
 
     @property
     def dtype(self) -> str:
@@ -51,6 +54,10 @@ class PlannedTensor:
     @property
     def shape(self) -> tuple[int, ...]:
         return shape_of(self.expr)
+
+    def param(self, label: str) -> tuple[Any, str] | None:
+        """(value, key path) of parameter ``label`` (``t``, ``weight[org/model]``), if it has one."""
+        return next(((v, src) for name, v, src in self.params if name == label), None)
 
     @property
     def nbytes(self) -> int:
@@ -95,6 +102,7 @@ class StagePlan:
     donor: Model
     tokenizer_from: Model
     staged_read_bytes: int  # what this stage would read if run on its own inputs
+    random_seed: int = 0  # seeds the draws of random methods (reported in the run report and card)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -177,7 +185,31 @@ def _normalise_slices(recipe: Recipe, models: dict[str, Model]) -> tuple[Slice, 
     return (Slice(tuple(sources), None, {}, "models"),)
 
 
-def _check_slices(recipe: Recipe, slices: tuple[Slice, ...], models: dict[str, Model]) -> None:
+def _slice_base(recipe: Recipe, method: Method, sl: Slice) -> str | None:
+    """The base model of a slice as the method sees it (a slice's own base_model wins)."""
+    return None if method.base == "ignored" else (sl.base_model or recipe.base_model)
+
+
+def _count_problem(method: Method, n: int, has_base: bool) -> str | None:
+    """Why ``n`` inputs (with or without the base among them) do not fit the method, or None."""
+    checks = [("sources", n, method.min_inputs, method.max_inputs)]
+    if method.min_non_base is not None or method.max_non_base is not None:
+        checks.append(("sources besides the base", n - has_base, method.min_non_base or 0, method.max_non_base))
+    for what, count, low, high in checks:
+        if count < low or (high is not None and count > high):
+            want = f"exactly {_count(low, what)}" if low == high else (f"at least {_count(low, what)}" if high is None else f"{low} to {high} {what}")
+            return f"{method.name} takes {want} per slice, got {count}"
+    return None
+
+
+def _count(n: int, what: str) -> str:
+    """``two sources``, ``one source``: counts in error messages as people write them."""
+    word = {1: "one", 2: "two", 3: "three"}.get(n, str(n))
+    return f"{word} {what.replace('sources', 'source', 1) if n == 1 else what}"
+
+
+def _check_slices(recipe: Recipe, method: Method, slices: tuple[Slice, ...], models: dict[str, Model]) -> None:
+    """Every structural rule of the recipe against the models and the method, naming key paths."""
     o = recipe.origin
     for sl in slices:
         lengths = set()
@@ -189,24 +221,29 @@ def _check_slices(recipe: Recipe, slices: tuple[Slice, ...], models: dict[str, M
             lengths.add(end - start)
         if len(lengths) > 1:
             raise RecipeError(f"{sl.path}.sources", f"all sources of a slice must have the same number of layers, got {sorted(lengths)}", o)
-        if recipe.merge_method == "passthrough" and len(sl.sources) != 1:
-            raise RecipeError(f"{sl.path}.sources", f"passthrough takes exactly one source per slice, got {len(sl.sources)}", o)
-        if recipe.merge_method == "slerp":
-            base = sl.base_model or recipe.base_model
-            if base is None:
-                raise RecipeError("base_model", f"slerp needs a base_model (top level or {sl.path}.base_model): t=0 gives the base model", o)
-            if len(sl.sources) != 2:
-                raise RecipeError(f"{sl.path}.sources", f"slerp takes exactly two sources per slice, got {len(sl.sources)}", o)
-            if base not in [s.model for s in sl.sources]:
-                raise RecipeError(f"{sl.path}.sources", f"the base model {base!r} must be one of the slice's sources", o)
+        names = [s.model for s in sl.sources]
+        twice = sorted({m for m in names if names.count(m) > 1})
+        if twice and method.name != "passthrough":
+            raise RecipeError(f"{sl.path}.sources", f"model {twice[0]!r} appears twice among the inputs of one {method.name} merge", o)
+        base = _slice_base(recipe, method, sl)
+        if method.base == "required" and base is None:
+            raise RecipeError("base_model", f"{method.name} needs a base_model (top level or {sl.path}.base_model)", o)
+        if base is not None and base not in names:
+            raise RecipeError(f"{sl.path}.sources", f"the base model {base!r} must be one of the slice's sources", o)
+        if method.base == "forbidden" and base is not None:
+            raise RecipeError("base_model", f"{method.name} takes no base_model", o)
+        problem = _count_problem(method, len(names), base is not None)
+        if problem:
+            raise RecipeError(f"{sl.path}.sources", problem, o)
 
 
 @dataclass(frozen=True)
 class _Want:
-    """An output tensor to build: its name, position t, and each source's input tensor name."""
+    """An output tensor to build: its name, its position in its slice (0..1, what layer gradients
+    are evaluated at), and each source's input tensor name."""
 
     out: str
-    t: float
+    pos: float
     inputs: tuple[tuple[Source, str], ...]
     slice: Slice
 
@@ -219,10 +256,10 @@ def _wanted(recipe: Recipe, slices: tuple[Slice, ...], models: dict[str, Model])
         start0, end0 = sl.sources[0].layer_range  # type: ignore[misc]
         length = end0 - start0
         for i in range(length):
-            t = i / (length - 1) if length > 1 else 1.0
+            pos = i / (length - 1) if length > 1 else 1.0
             for suffix in arch.layer:
                 ins = tuple((s, arch.layer_name(s.layer_range[0] + i, suffix)) for s in sl.sources)  # type: ignore[index]
-                wants.append(_Want(arch.layer_name(out_layer + i, suffix), t, ins, sl))
+                wants.append(_Want(arch.layer_name(out_layer + i, suffix), pos, ins, sl))
         out_layer += length
     wants += [_Want(n, 0.0, tuple((s, n) for s in slices[-1].sources), slices[-1]) for n in arch.post]
     return wants
@@ -237,79 +274,190 @@ def _truncate_rows(e: Expr, rows: int) -> Expr:
     if isinstance(e, Leaf):
         row_bytes = (e.end - e.start) // e.shape[0]
         return Leaf(e.loc, e.file, e.start, e.start + rows * row_bytes, e.dtype, (rows,) + e.shape[1:], e.model, e.name)
-    if not isinstance(e, Slerp):
+    if not isinstance(e, Merge):
         return cast(_truncate_rows(e.child, rows), e.dtype)
-    raise ModelError("vocabulary truncation of a tensor computed by an earlier SLERP stage is not supported")
+    raise ModelError("vocabulary truncation of a tensor computed by an earlier merge stage is not supported")
 
 
-def plan_stage(recipe: Recipe, models: dict[str, Model], out_shard_size: int, allow_crimes: bool = False, unsafe_truncate_embeddings: bool = False) -> StagePlan:
-    """Plan one recipe whose model references are all keys of ``models``."""
+def tensor_seed(random_seed: int, name: str) -> int:
+    """The seed of one output tensor's generator: the same whoever computes it, in whatever order."""
+    digest = hashlib.sha256(f"nyxray-seed/1\0{random_seed}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class _Stage:
+    """What planning one tensor of a stage needs to know."""
+
+    recipe: Recipe
+    method: Method
+    models: dict[str, Model]
+    dtype: str | None
+    out_dtype: str | None
+    unsafe_truncate_embeddings: bool
+    random_seed: int
+    warnings: list[str]
+
+
+_Input = tuple[Source, str, Expr]  # a source, its tensor's name there, the tensor
+
+
+def _same_shape(st: _Stage, w: _Want, have: list[_Input]) -> list[Expr]:
+    """The inputs, all of one shape: embeddings may be cut to their common rows if the user says so."""
+    exprs = [e for _, _, e in have]
+    shapes = [shape_of(e) for e in exprs]
+    if len(set(shapes)) == 1:
+        return exprs
+    listed = ", ".join(f"{list(sh)} in {src.model!r}" for (src, _, _), sh in zip(have, shapes))
+    embeds = w.out in st.models[have[0][0].model].arch.embeds
+    if embeds and st.unsafe_truncate_embeddings and len({sh[1:] for sh in shapes}) == 1:
+        rows = min(sh[0] for sh in shapes)
+        st.warnings.append(f"UNSAFE vocabulary truncation of {w.out} to {rows} rows ({listed})")
+        return [_truncate_rows(e, rows) for e in exprs]
+    hint = " (vocabulary sizes differ: --unsafe-truncate-embeddings keeps the common rows)" if embeds else ""
+    raise ModelError(f"{st.recipe.origin}: tensor size mismatch for {w.out}: {listed}{hint}")
+
+
+def _present(st: _Stage, w: _Want) -> list[_Input] | None:
+    """The inputs of ``w`` that exist; None when the tensor is skipped (optional and absent
+    everywhere, or too few inputs for a method whose policy is to skip); raises when one is
+    missing for good."""
+    present = [(src, name, st.models[src.model].tensors.get(name)) for src, name in w.inputs]
+    have = [(src, name, e) for src, name, e in present if e is not None]
+    if len(have) == len(present):
+        return have
+    arch = st.models[w.inputs[0][0].model].arch
+    optional = w.out in arch.optional or any(w.out.endswith("." + s) for s in arch.optional)
+    src, name, _ = next(p for p in present if p[2] is None)
+    missing = f"tensor {name!r} required but not present in model {src.model!r}"
+    if not optional:
+        raise ModelError(f"{st.recipe.origin}: {missing}{did_you_mean(name, tuple(st.models[src.model].tensors))}")
+    if not have:
+        return None
+    m = st.method
+    base = _slice_base(st.recipe, m, w.slice)
+    only_base = len(have) == 1 and have[0][0].model == base
+    if m.optional_policy == "base_or_skip" and len(have) < m.min_inputs and not only_base:
+        st.warnings.append(f"{st.recipe.origin}: optional tensor {w.out} skipped: {m.name} needs {m.min_inputs} inputs, {len(have)} have it")
+        return None
+    copied = len(have) == 1 and (m.optional_policy == "passthrough_singleton" or (only_base and m.optional_policy != "error"))
+    if not copied and _count_problem(m, len(have), any(h[0].model == base for h in have)):
+        raise ModelError(f"{st.recipe.origin}: {missing}, and {m.name} cannot merge {w.out} without it")
+    return have
+
+
+def _resolve_all(st: _Stage, w: _Want, have: list[_Input], base: int | None) -> tuple[dict, dict, list]:
+    """Every parameter of the method for this tensor: shared values, per-input values, and the
+    (label, value, key path) rows that ``nyxray plan`` shows."""
+    recipe = st.recipe
+    top = ("parameters", recipe.parameters)
+    shared_levels = [(f"{w.slice.path}.parameters", w.slice.parameters), top] if recipe.slices is not None else [top]
+    shared: dict[str, Any] = {}
+    per_input: dict[str, list[Any]] = {}
+    shown: list[tuple[str, Any, str]] = []
+    for p in st.method.params:
+        if p.scope == "shared":
+            value, where = _one(st, p, shared_levels, w.out, w.pos, "parameters", w.out)
+            shared[p.name] = value
+            shown.append((p.name, value, where))
+            continue
+        values = []
+        for i, (src, name, _) in enumerate(have):
+            if p.scope == "non_base" and i == base:
+                continue
+            levels = [(f"{src.path}.parameters", src.parameters), *shared_levels]
+            value, where = _one(st, p, levels, name, w.pos, f"{src.path}.parameters", f"{name} of {src.model!r}")
+            values.append(value)
+            shown.append((f"{p.name}[{src.model}]", value, where))
+        per_input[p.name] = values
+    _check_weight_sum(st, shared, per_input, shown, w.out)
+    return shared, per_input, shown
+
+
+def _one(st: _Stage, p: Param, levels: list, tensor_name: str, pos: float, where: str, what: str) -> tuple[Any, str]:
+    """One parameter value (resolved, else the default) checked against its declaration, and the
+    key path it came from."""
+    r = resolve(p.name, levels, tensor_name, pos, p.kind)
+    if r is None:
+        if p.required:
+            raise RecipeError(f"{where}.{p.name}", f"missing required parameter {p.name} for {what} ({st.method.name}: no setting, and no filter matches it)", st.recipe.origin)
+        return p.default, "default"
+    problem = p.problem(r.value)
+    if problem:
+        raise RecipeError(r.source, f"{problem} (for {what})", st.recipe.origin)
+    return r.value, r.source
+
+
+def _check_weight_sum(st: _Stage, shared: dict, per_input: dict, shown: list, out: str) -> None:
+    """A normalised merge divides by the sum of the weights: a sum of 0 has no meaning. (With a
+    sign consensus, TIES-like methods divide by a per-element sum instead: no such rule there.)"""
+    normalize = shared.get("normalize", shared.get("normalize_weights", False))
+    if not normalize or "weight" not in per_input or dict(st.method.options).get("consensus"):
+        return
+    if abs(sum(per_input["weight"])) < 1e-8:
+        paths = sorted({where for label, _, where in shown if label.startswith("weight[")})
+        raise RecipeError(paths[0] if paths else "parameters.weight",
+                          f"the weights of {out} sum to 0 and {st.method.name} normalizes by their sum ({', '.join(paths)}); "
+                          "change a weight or set normalize: false", st.recipe.origin)
+
+
+def _plan_tensor(st: _Stage, w: _Want, have: list[_Input]) -> PlannedTensor:
+    m = st.method
+    base_ref = _slice_base(st.recipe, m, w.slice)
+    models_in = [src.model for src, _, _ in have]
+    base = models_in.index(base_ref) if base_ref in models_in else None
+    # An input copied alone (an optional tensor only one model has) takes no parameters.
+    shared, per_input, shown = _resolve_all(st, w, have, base) if len(have) > 1 or m.name == "passthrough" else ({}, {}, [])
+    exprs = [cast(e, st.dtype) for e in _same_shape(st, w, have)]
+    if len(exprs) == 1 and per_input.get("scale", [None])[0] is None:
+        expr = cast(exprs[0], st.out_dtype)  # the source bytes as they are, or a cast
+        return PlannedTensor(w.out, expr, "copy" if expr is have[0][2] else "cast")
+    try:
+        dtype = promote([e.dtype for e in exprs])
+    except ValueError as err:
+        raise ModelError(f"{st.recipe.origin}: {w.out}: {err}; set dtype: in the recipe") from None
+    seed = tensor_seed(st.random_seed, w.out) if m.random else None
+    node = Merge(m.name, tuple(cast(e, dtype) for e in exprs), base, tuple(shared.items()),
+                 tuple((k, tuple(v)) for k, v in per_input.items()), seed, dtype)
+    return PlannedTensor(w.out, cast(node, st.out_dtype), m.name, tuple(shown))
+
+
+def plan_stage(recipe: Recipe, models: dict[str, Model], out_shard_size: int, allow_crimes: bool = False,
+               unsafe_truncate_embeddings: bool = False, random_seed: int | None = None) -> StagePlan:
+    """Plan one recipe whose model references are all keys of ``models``.
+
+    ``random_seed`` (else the recipe's ``random_seed``, else 0) seeds random methods' draws.
+    """
     o = recipe.origin
     archs = {models[r].arch.name for r in recipe.model_refs()}
     if len(archs) > 1 and not allow_crimes:
         raise ModelError(f"{o}: the models have different architectures ({', '.join(sorted(archs))}); pass --allow-crimes to merge them anyway")
+    method = METHODS[recipe.merge_method]
     slices = _normalise_slices(recipe, models)
-    _check_slices(recipe, slices, models)
-    dtype, out_dtype = _stage_dtype(recipe.dtype), _stage_dtype(recipe.out_dtype)
-    top = ("parameters", recipe.parameters)
-    warnings: list[str] = []
+    _check_slices(recipe, method, slices, models)
+    seed = random_seed if random_seed is not None else (recipe.random_seed or 0)
+    st = _Stage(recipe, method, models, _stage_dtype(recipe.dtype), _stage_dtype(recipe.out_dtype), unsafe_truncate_embeddings, seed, [])
     tensors: list[PlannedTensor] = []
-    seen_names: list[str] = []
     order_inputs: list[list[tuple[str, str]]] = []  # per output, (model, input name): fixes write order
     staged_read = 0
     for w in _wanted(recipe, slices, models):
-        arch = models[w.inputs[0][0].model].arch
-        present = [(src, name, models[src.model].tensors.get(name)) for src, name in w.inputs]
-        have = [(src, name, e) for src, name, e in present if e is not None]
-        optional = w.out in arch.optional or any(w.out.endswith("." + s) for s in arch.optional)
-        if len(have) < len(present):
-            if optional and not have:
-                continue
-            if not optional or recipe.merge_method == "passthrough":
-                src, name, _ = next(p for p in present if p[2] is None)
-                close = did_you_mean(name, tuple(models[src.model].tensors))
-                raise ModelError(f"{o}: tensor {name!r} required but not present in model {src.model!r}{close}")
-        seen_names.append(w.out)
+        have = _present(st, w)
+        if have is None:
+            continue
+        tensors.append(_plan_tensor(st, w, have))
         order_inputs.append([(src.model, name) for src, name, _ in have])
         staged_read += sum(nbytes_of(e.dtype, shape_of(e)) for _, _, e in have)
-        if recipe.merge_method == "slerp" and len(have) == 2:
-            base_ref = w.slice.base_model or recipe.base_model
-            (sa, na, ea), (sb, nb, eb) = sorted(have, key=lambda h: h[0].model != base_ref)
-            if shape_of(ea) != shape_of(eb):
-                sa_, sb_ = shape_of(ea), shape_of(eb)
-                if w.out in arch.embeds and unsafe_truncate_embeddings and sa_[1:] == sb_[1:]:
-                    rows = min(sa_[0], sb_[0])
-                    warnings.append(f"UNSAFE vocabulary truncation of {w.out} to {rows} rows ({sa_} vs {sb_})")
-                    ea, eb = _truncate_rows(ea, rows), _truncate_rows(eb, rows)
-                else:
-                    hint = " (vocabulary sizes differ: --unsafe-truncate-embeddings keeps the common rows)" if w.out in arch.embeds else ""
-                    raise ModelError(f"{o}: tensor size mismatch for {w.out}: {list(sa_)} in {sa.model!r} vs {list(sb_)} in {sb.model!r}{hint}")
-            a, b = cast(ea, dtype), cast(eb, dtype)
-            if a.dtype != b.dtype:
-                raise ModelError(f"{o}: {w.out} is {a.dtype} in {sa.model!r} but {b.dtype} in {sb.model!r}; set dtype: in the recipe")
-            levels = [(f"{w.slice.path}.parameters", w.slice.parameters), top] if recipe.slices is not None else [top]
-            r = resolve("t", levels, w.out, w.t)
-            if r is None:
-                raise RecipeError("parameters.t", f"missing required parameter t for {w.out} (no filter matches it and there is no fallback)", o)
-            expr: Expr = cast(Slerp(a, b, float(r.value), a.dtype), out_dtype)
-            tensors.append(PlannedTensor(w.out, expr, "slerp", float(r.value), r.source))
-        else:
-            src, name, e = have[0]
-            expr = cast(cast(e, dtype), out_dtype)
-            op = "copy" if expr is e else "cast"
-            tensors.append(PlannedTensor(w.out, expr, op, None, None))
-    _warn_unmatched_filters(recipe, slices, seen_names, warnings)
+    _warn_unmatched_filters(recipe, slices, [t.name for t in tensors], st.warnings)
     tensors = [tensors[i] for i in write_order(order_inputs)]
     donor_ref = recipe.base_model or slices[0].sources[0].model
     donor = models[donor_ref]
     tok_ref = recipe.base_model if recipe.tokenizer_source == "base" else (recipe.tokenizer_source or donor_ref)
-    tok_from = models[tok_ref]
     config = copy.deepcopy(donor.config)
     config[donor.arch.layers_key] = sum(sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0] for sl in slices)  # type: ignore[index]
     if recipe.out_dtype or recipe.dtype:
         key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
         config[key] = recipe.out_dtype or recipe.dtype
-    return StagePlan(recipe, tensors, layout_shards(tensors, out_shard_size), config, donor, tok_from, staged_read, warnings)
+    return StagePlan(recipe, tensors, layout_shards(tensors, out_shard_size), config, donor, models[tok_ref], staged_read, seed, st.warnings)
 
 
 def _warn_unmatched_filters(recipe: Recipe, slices: tuple[Slice, ...], names: list[str], warnings: list[str]) -> None:
@@ -377,6 +525,7 @@ def plan(
     allow_crimes: bool = False,
     unsafe_truncate_embeddings: bool = False,
     model_cache: dict[str, Model] | None = None,
+    random_seed: int | None = None,
 ) -> Plan:
     """Plan a recipe or pipeline: read every source model's headers, then plan each stage.
 
@@ -409,7 +558,7 @@ def plan(
                         raise RecipeError(path, f"model {ref!r} is neither a stage of this pipeline nor a model that can be found{hint}; stages: {', '.join(stage_names)}", recipe.origin) from None
                     raise RecipeError(path, str(e), recipe.origin) from None
             models[ref] = sources[ref]
-        st = plan_stage(recipe, models, size, allow_crimes, unsafe_truncate_embeddings)
+        st = plan_stage(recipe, models, size, allow_crimes, unsafe_truncate_embeddings, random_seed)
         stages.append(st)
         if recipe.name:
             stage_models[recipe.name] = st.as_model()

@@ -17,20 +17,14 @@ from typing import Any, Union
 import yaml
 
 from .errors import RecipeError, did_you_mean
+from .methods.registry import METHODS, unknown_method_hint
 from .safetensors_io import RECIPE_DTYPES
 
 Scalar = Union[float, int, bool, str]
 # A setting as written: a scalar, a gradient list, or a list of {filter, value} conditionals.
 Setting = Any
 
-METHODS = {
-    # method -> {parameter: (scope, required)}; "shared" parameters are evaluated on the output
-    # tensor name and cannot be set per source, "model" ones on each input's own tensor name.
-    "passthrough": {},
-    "slerp": {"t": ("shared", True)},
-}
-
-TOP_KEYS = ("name", "merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source")
+TOP_KEYS = ("name", "merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "random_seed")
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 MODEL_KEYS = ("model", "parameters")
@@ -77,6 +71,7 @@ class Recipe:
     name: str | None
     text: str
     origin: str
+    random_seed: int | None = None  # seeds random methods (DARE, DELLA); --random-seed overrides it
 
     @property
     def sha256(self) -> str:
@@ -123,9 +118,9 @@ def _number(v: Any) -> bool:
 def _check_value(value: Any, path: str, origin: str) -> None:
     if _number(value) or isinstance(value, bool):
         return
-    if isinstance(value, list) and value and all(_number(v) for v in value):
+    if isinstance(value, list) and value and (all(_number(v) for v in value) or all(isinstance(v, bool) for v in value)):
         return
-    raise RecipeError(path, f"a value must be a finite number or a non-empty list of finite numbers (a gradient), got {value!r}", origin)
+    raise RecipeError(path, f"a value must be a finite number, a boolean, or a non-empty list of either (a gradient), got {value!r}", origin)
 
 
 def _setting(value: Any, path: str, origin: str) -> Setting:
@@ -151,13 +146,14 @@ def _parameters(node: Any, method: str, scope: str, path: str, origin: str) -> d
         return {}
     if not isinstance(node, dict):
         raise RecipeError(path, "parameters must be a mapping", origin)
-    known = METHODS.get(method, {})
+    known = {p.name: p for p in METHODS[method].params}
     out = {}
     for name, value in node.items():
         p = f"{path}.{name}"
         if name not in known:
-            raise RecipeError(p, f"{method} takes no parameter {name!r}{did_you_mean(str(name), tuple(known))}", origin)
-        if scope == "source" and known[name][0] == "shared":
+            takes = f"; it takes {', '.join(known)}" if known else "; it takes none"
+            raise RecipeError(p, f"{method} takes no parameter {name!r}{did_you_mean(str(name), tuple(known))}{takes}", origin)
+        if scope == "source" and known[name].scope == "shared":
             raise RecipeError(p, f"{name!r} is shared by all inputs of a {method} merge; set it on the slice or at the top level, not per source", origin)
         out[name] = _setting(value, p, origin)
     return out
@@ -192,7 +188,7 @@ def parse_recipe(doc: Any, text: str, origin: str = "<recipe>") -> Recipe:
     if not isinstance(method, str):  # a list or mapping here would crash the lookup below
         raise RecipeError("merge_method", f"must be a method name, got {method!r}", origin)
     if method not in METHODS:
-        raise RecipeError("merge_method", f"unknown or unsupported merge method {method!r}{did_you_mean(str(method), tuple(METHODS))}; nyxray supports {', '.join(METHODS)}", origin)
+        raise RecipeError("merge_method", f"unknown or unsupported merge method {method!r}{unknown_method_hint(method)}", origin)
     has = [k for k in ("slices", "models") if doc.get(k) is not None]
     if len(has) != 1:
         raise RecipeError("", "exactly one of slices: and models: must be given", origin)
@@ -242,6 +238,11 @@ def parse_recipe(doc: Any, text: str, origin: str = "<recipe>") -> Recipe:
             ms.append(Source(_model_ref(m["model"], f"{p}.model", origin), None, _parameters(m.get("parameters"), method, "source", f"{p}.parameters", origin), p))
         models = tuple(ms)
 
+    if METHODS[method].base == "required" and base is None:
+        unbased = [s.path for s in slices or () if s.base_model is None]
+        if models is not None or unbased:
+            where = f" (or {unbased[0]}.base_model)" if unbased else ""
+            raise RecipeError("base_model", f"{method} needs a base_model{where}: its task vectors or interpolation start from it", origin)
     tok = doc.get("tokenizer_source")
     if tok is not None:
         if tok == "union":
@@ -249,6 +250,9 @@ def parse_recipe(doc: Any, text: str, origin: str = "<recipe>") -> Recipe:
         tok = _model_ref(tok, "tokenizer_source", origin)
         if tok == "base" and base is None:
             raise RecipeError("tokenizer_source", "'base' needs a top-level base_model", origin)
+    seed = doc.get("random_seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+        raise RecipeError("random_seed", f"must be an integer in [0, 2**63), got {seed!r}", origin)
     name = doc.get("name")
     if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
         raise RecipeError("name", f"a stage name must be a plain non-empty string without '/', got {name!r}", origin)
@@ -264,6 +268,7 @@ def parse_recipe(doc: Any, text: str, origin: str = "<recipe>") -> Recipe:
         name=name,
         text=text,
         origin=origin,
+        random_seed=seed,
     )
 
 

@@ -126,7 +126,7 @@ RECIPE_CASES = {
     "slerp base not in the slice": (slerp(base="base_model: c"), ["slices[0].sources", "base model 'c' must be one of"]),
     "filter matches nothing, no fallback": (slerp(t="  t:\n    - filter: self_attn\n      value: 0.5"),
                                             ["parameters.t", "missing required parameter t for model.embed_tokens.weight"]),
-    "unknown merge method": (slerp().replace("merge_method: slerp", "merge_method: linear"), ["merge_method", "'linear'", "passthrough, slerp"]),
+    "unknown merge method": (slerp().replace("merge_method: slerp", "merge_method: lineer"), ["merge_method", "'lineer'", "did you mean 'linear'"]),
     "misspelt key": (slerp().replace("dtype:", "dtpye:"), ["dtpye", "did you mean 'dtype'"]),
     "t per source": (slerp().replace("      - model: b\n", "      - model: b\n        parameters: {t: 0.2}\n"),
                      ["slices[0].sources[1].parameters.t", "not per source"]),
