@@ -12,6 +12,7 @@ from typing import Any
 
 from .commit import verify as verify_output
 from .driver import EXECUTORS, Target, balance, check_execution, pipeline_text, run_targets, target_report, write_report
+from .errors import NyxrayError
 from .models import Resolver
 from .plan import Plan, parse_size
 from .plan import plan as make_plan
@@ -31,15 +32,25 @@ def plan(
     storage_options: dict[str, Any] | None = None,
     allow_crimes: bool = False,
     unsafe_truncate_embeddings: bool = False,
+    random_seed: int | None = None,
 ) -> Plan:
     """Plan a recipe (a path, YAML text, or parsed recipes) from model headers alone.
+
+    ``random_seed`` seeds random methods (DARE, DELLA); default: the recipe's ``random_seed``, else 0.
 
     Raises :class:`~nyxray.errors.NyxrayError` subclasses naming the culprit for any recipe or
     model problem; reads no tensor data and writes nothing.
     """
     parse_size(out_shard_size)
     recipes = load_pipeline(recipe)
-    return make_plan(recipes, _resolver(models, models_root, storage_options), out_shard_size, allow_crimes, unsafe_truncate_embeddings)
+    return make_plan(recipes, _resolver(models, models_root, storage_options), out_shard_size, allow_crimes, unsafe_truncate_embeddings,
+                     random_seed=_seed(random_seed))
+
+
+def _seed(random_seed: int | None) -> int | None:
+    if random_seed is not None and (isinstance(random_seed, bool) or not isinstance(random_seed, int) or not 0 <= random_seed < 2**63):
+        raise NyxrayError(f"random_seed={random_seed!r}: expected an integer in [0, 2**63)")
+    return random_seed
 
 
 def merge(
@@ -57,7 +68,7 @@ def merge(
     storage_options: dict[str, Any] | None = None,
     intermediates: str | None = None,
     overwrite: bool = False,
-    executor: str = "ray",
+    executor: str = "auto",
     address: str | None = None,
     actors: int | None = None,
     actor_cpus: float = 1.0,
@@ -65,13 +76,18 @@ def merge(
     keep_actors: float = 0.0,
     progress: bool = True,
     report: str | None = None,
+    random_seed: int | None = None,
 ) -> dict[str, Any]:
     """Merge ``recipe`` into ``out`` (a local path or any fsspec URL) and return the run report.
 
     ``recipe`` may be a pipeline; its named stages are fused into one pass and written only when
     ``intermediates`` (a location; each stage goes to ``intermediates/<name>``) is given.
-    ``executor="ray"`` runs on Ray (a local instance unless ``address``/``RAY_ADDRESS`` names a
-    cluster); ``"local"`` runs in this process. ``keep_actors`` (seconds) keeps the Ray actors
+    ``executor="auto"`` runs on Ray when a cluster is named (``address``, ``RAY_ADDRESS``, a Ray
+    job, or a Ray already initialised in this process), else in this process with no Ray start-up;
+    ``"ray"`` always runs on Ray (a local instance unless a cluster is named); ``"local"`` runs in
+    this process on one worker thread per core (or per local GPU; ``actors`` sets how many), each
+    unit's math on one torch thread. The report's ``executor`` says which ran and why.
+    ``keep_actors`` (seconds, Ray only) keeps the Ray actors
     alive that long after the merge, for the next merge of this process to reuse (no process start,
     no torch import); they hold their CPUs/GPUs meanwhile (:func:`release_actors` stops them).
     Re-running the same recipe into the same ``out``
@@ -83,14 +99,14 @@ def merge(
     started = time.monotonic()
     check_execution(device, executor, actors, keep_actors)
     recipes = load_pipeline(recipe)
-    p = plan(recipes, out_shard_size=out_shard_size, models=models, models_root=models_root, storage_options=storage_options,
+    p = plan(recipes, out_shard_size=out_shard_size, models=models, models_root=models_root, storage_options=storage_options, random_seed=random_seed,
              allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings)
     planned = time.monotonic() - started
     targets = [Target(location(out, storage_options), p.final, pipeline_text(recipes))]
     if intermediates:
         root = location(intermediates, storage_options)
         targets = [Target(root.child(st.name), st, st.recipe.text) for st in p.stages[:-1]] + targets
-    workers, timings = run_targets(targets, device=device, overwrite=overwrite, executor=executor, progress=progress,
+    workers, timings, ran_on = run_targets(targets, device=device, overwrite=overwrite, executor=executor, progress=progress,
                           copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, address=address,
                           actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus, keep_actors=keep_actors)
     parts = [target_report(tg) for tg in targets]
@@ -109,10 +125,12 @@ def merge(
         "throughput_mb_s": round(moved / max(wall, 1e-9) / 1e6, 1),
         "timings_s": {"plan": round(planned, 3), **timings},
         "steady_throughput_mb_s": round(moved / max(timings["run"], 1e-9) / 1e6, 1),
+        "executor": ran_on,
         "actors": workers,
         "balance": balance(workers),
         "warnings": p.warnings,
         "stages": [st.name or "<final>" for st in p.stages],
+        "random_seed": p.final.random_seed,
     }
     if intermediates:
         result["intermediates"] = parts[:-1]

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from . import __version__, api
+from . import __version__, api, cli_compat
 from .describe import plan_text, report_text
 from .errors import NyxrayError
 from .storage import parse_storage_options
@@ -36,19 +36,19 @@ def _source_options(p: argparse.ArgumentParser) -> None:
 def _run_options(p: argparse.ArgumentParser) -> None:
     _source_options(p)
     g = p.add_argument_group("output")
-    g.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy the donor's tokenizer files")
-    g.add_argument("--no-write-model-card", dest="write_model_card", action="store_false", help="do not write README.md and mergekit_config.yml")
     g.add_argument("--overwrite", action="store_true", help="replace whatever the output location holds")
     g.add_argument("--report", metavar="FILE", help="write the run report as JSON")
     g.add_argument("--quiet", action="store_true", help="no progress line")
     r = p.add_argument_group("execution")
     r.add_argument("--device", default="auto", help="auto (GPU when the actor has one), cpu, cuda or cuda:N")
     r.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="same as --device cuda")
-    r.add_argument("--executor", default="ray", choices=api.EXECUTORS, help="ray (default) or local (this process only)")
+    r.add_argument("--executor", default="auto", choices=api.EXECUTORS,
+                   help="auto (default): ray when a cluster is named (--address, RAY_ADDRESS, a Ray job), else local; ray: always Ray (a local one if no cluster); local: this process, one worker per core or GPU")
     r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    r.add_argument("--actors", type=int, help="number of actors (default: one per GPU, else one per --actor-cpus CPUs)")
-    r.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs per actor (also its torch threads); default 1")
+    r.add_argument("--actors", type=int, help="number of Ray actors or local worker threads (default: one per GPU, else one per --actor-cpus CPUs, or per core locally)")
+    r.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs each Ray actor reserves (its math runs on one torch thread; reads, writes and hashing use the rest); default 1")
     r.add_argument("--actor-gpus", type=float, help="GPUs per actor (default 1 when the cluster has GPUs)")
+    cli_compat.add_arguments(p)
 
 
 def _common(args: argparse.Namespace) -> dict:
@@ -66,7 +66,7 @@ def _execution(args: argparse.Namespace) -> dict:
     return dict(
         device=args.device, copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card, overwrite=args.overwrite,
         executor=args.executor, address=args.address, actors=args.actors, actor_cpus=args.actor_cpus, actor_gpus=args.actor_gpus,
-        progress=not args.quiet, report=args.report,
+        progress=not args.quiet, report=args.report, random_seed=args.random_seed,
     )
 
 
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("merge", "sweep"):
+            for note in cli_compat.apply(args):
+                print(f"nyxray: {note}", file=sys.stderr)
         if args.command == "plan":
             p = api.plan(args.recipe, **_common(args))
             if args.json:

@@ -47,10 +47,18 @@ def _steps(path: str) -> list[tuple[str | None, str | None]]:
 
 
 def _walk(doc: Any, path: str) -> tuple[Any, str | int]:
-    """The container holding ``path``'s last step in ``doc``, and that step; every step must exist."""
+    """The container holding ``path``'s last step in ``doc``, and that step; every step must exist,
+    except a method parameter the base leaves to its default (``parameters.density``,
+    ``models[1].parameters.weight``): a missing ``parameters`` mapping is added (empty) to ``doc``."""
     steps = _steps(path)
     node, done = doc, ""
     for i, (key, index) in enumerate(steps):
+        last = i == len(steps) - 1
+        if key is not None and isinstance(node, dict) and key not in node:
+            if key == "parameters" and not last:
+                node[key] = {}
+            elif last and done.rsplit(".", 1)[-1] == "parameters":
+                return node, key  # the recipe parser checks the name against the method
         if key is not None:
             if not isinstance(node, dict) or key not in node:
                 have = tuple(str(k) for k in node) if isinstance(node, dict) else ()
@@ -65,7 +73,7 @@ def _walk(doc: Any, path: str) -> tuple[Any, str | int]:
                 raise RecipeError(f"grid.{path}", f"index [{j}] is not in the base recipe: {done or 'the recipe'} {size}")
             step = j
             done = f"{done}[{j}]"
-        if i == len(steps) - 1:
+        if last:
             return node, step
         node = node[step]
     raise AssertionError("unreachable")
@@ -187,10 +195,14 @@ def expand(text: str, origin: str = "<sweep>") -> dict[str, list[Recipe] | Nyxra
 
 def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: int | str = "5B", models: dict[str, str] | None = None,
               models_root: str | None = None, storage_options: dict[str, Any] | None = None, allow_crimes: bool = False,
-              unsafe_truncate_embeddings: bool = False, report: str | None = None, **execution: Any) -> dict[str, Any]:
-    """Run a sweep file into ``out`` (member ``M`` at ``out/M``); returns the sweep report."""
+              unsafe_truncate_embeddings: bool = False, report: str | None = None, random_seed: int | None = None,
+              **execution: Any) -> dict[str, Any]:
+    """Run a sweep file into ``out`` (member ``M`` at ``out/M``); returns the sweep report.
+
+    ``random_seed`` seeds every member's random methods (default: each recipe's, else 0).
+    """
     started = time.monotonic()
-    check_execution(execution.get("device", "auto"), execution.get("executor", "ray"), execution.get("actors"), execution.get("keep_actors", 0.0))
+    check_execution(execution.get("device", "auto"), execution.get("executor", "auto"), execution.get("actors"), execution.get("keep_actors", 0.0))
     parse_size(out_shard_size)
     sweep = os.fspath(sweep)
     if "\n" not in sweep and (sweep.endswith((".yml", ".yaml")) or os.path.exists(sweep)):
@@ -210,7 +222,8 @@ def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: 
         try:
             if isinstance(recipes, NyxrayError):
                 raise recipes
-            plans[name] = make_plan(recipes, resolver, out_shard_size, allow_crimes, unsafe_truncate_embeddings, model_cache=cache)
+            plans[name] = make_plan(recipes, resolver, out_shard_size, allow_crimes, unsafe_truncate_embeddings, model_cache=cache,
+                                    random_seed=random_seed)
         except NyxrayError as e:
             if fail_fast:
                 raise NyxrayError(f"sweep member {name!r}: {e}") from None
@@ -218,13 +231,13 @@ def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: 
     root = location(out, storage_options)
     targets = {name: Target(root.child(name), p.final, pipeline_text(members[name])) for name, p in plans.items()}  # type: ignore[arg-type]
     execution.setdefault("device", "auto")
-    execution.setdefault("executor", "ray")
+    execution.setdefault("executor", "auto")
     execution.setdefault("progress", True)
     execution.setdefault("copy_tokenizer", True)
     execution.setdefault("write_model_card", True)
     execution.setdefault("overwrite", False)
     planned = time.monotonic() - started
-    workers, timings = run_targets(list(targets.values()), share_reads=True, **execution) if targets else ([], {})
+    workers, timings, ran_on = run_targets(list(targets.values()), share_reads=True, **execution) if targets else ([], {}, {})
     header_bytes = sum(m.header_bytes for m in cache.values())
     member_reports = {}
     for name, tg in targets.items():
@@ -240,6 +253,7 @@ def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: 
         "timings_s": {"plan": round(planned, 3), **timings},
         "members": member_reports,
         "failed": failed,
+        "executor": ran_on,
         "actors": workers,
         "balance": balance(workers),
     }

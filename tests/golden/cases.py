@@ -84,6 +84,13 @@ BIG_SHARD_BYTES = 20_000_000
 BIG_A = "synthetic/big-a"
 BIG_NEAR = "synthetic/big-near"
 
+# The method cases: a base and fine-tunes derived from it (base + 3% relative noise), as real task
+# vectors are small next to the weights: where float32 accumulation and bf16 rounding decide the bits.
+METHOD_SHAPE = ModelShape(hidden=128, intermediate=256, layers=8, vocab=9000, heads=4, kv_heads=2)
+BASE = "synthetic/base"
+FT = ("synthetic/ft1", "synthetic/ft2", "synthetic/ft3")
+FT_NOISE = 0.03
+
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(UNA, SHAPE, 1, INPUT_SHARD_BYTES),
     ModelSpec(LOYAL, SHAPE, 2, INPUT_SHARD_BYTES),
@@ -92,6 +99,8 @@ MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(UNA_NEAR, SHAPE, 11, INPUT_SHARD_BYTES, like=UNA, like_noise=NEAR_NOISE),
     ModelSpec(BIG_A, BIG_SHAPE, 21, BIG_SHARD_BYTES),
     ModelSpec(BIG_NEAR, BIG_SHAPE, 23, BIG_SHARD_BYTES, like=BIG_A, like_noise=0.1),
+    ModelSpec(BASE, METHOD_SHAPE, 31, INPUT_SHARD_BYTES),
+    *(ModelSpec(name, METHOD_SHAPE, 32 + i, INPUT_SHARD_BYTES, like=BASE, like_noise=FT_NOISE) for i, name in enumerate(FT)),
 )
 
 
@@ -131,6 +140,10 @@ class Case:
     # (base_model, else the first source of the first slice).
     donor: str = ""
     tags: tuple[str, ...] = field(default=())
+    # Random methods (DARE, DELLA): nyxray is reproducible but not bit-equal to mergekit. Such a case
+    # names ``dense``, the deterministic case of the same merge without sparsification; the golden
+    # data then holds, per tensor, the squared distance of mergekit's output from that dense output.
+    dense: str = ""
 
 
 def render_recipe(case: Case, model_dirs: dict[str, str], case_dirs: dict[str, str]) -> str:
@@ -394,6 +407,125 @@ dtype: bfloat16
         for j in (1, 2, 4)
     ),
 )
+
+def _models(*entries: tuple[str, str], base: str | None = BASE, top: str = "", extra: str = "dtype: bfloat16\n") -> str:
+    """A ``models:`` recipe over the method inputs: (model, parameters YAML flow mapping or '')."""
+    lines = ["models:"]
+    for model, params in entries:
+        lines.append(f"  - model: <<model:{model}>>")
+        if params:
+            lines.append(f"    parameters: {params}")
+    if base:
+        lines.append(f"base_model: <<model:{base}>>")
+    if top:
+        lines.append("parameters:")
+        lines += [f"  {line}" for line in top.strip().splitlines()]
+    return "\n".join(lines) + "\n" + extra
+
+
+def _method_case(name: str, method: str, recipe: str, **kw) -> Case:
+    tags = ("method", method) + (("random",) if kw.get("dense") else ())
+    return Case(name=name, recipe=f"merge_method: {method}\n{recipe}", donor=kw.pop("donor", BASE), tags=tags, **kw)
+
+
+W3 = ((FT[0], "{weight: 1.0}"), (FT[1], "{weight: 0.6}"), (FT[2], "{weight: 0.4}"))
+SHARDS_2M = dict(cli=("--out-shard-size", "2M"), out_shard_size=2_000_000)
+_FILTERED_WEIGHT = "[{filter: self_attn, value: [0.9, 0.3]}, {filter: mlp, value: 0.5}, {value: 0.7}]"
+
+METHOD_CASES: tuple[Case, ...] = (
+    # base_model on a method that ignores it only fixes the config donor (mergekit picks from a set)
+    _method_case("linear", "linear", _models((FT[0], "{weight: 0.5}"), (FT[1], "{weight: 0.3}"), (FT[2], "{weight: 0.2}"), base=FT[0]),
+                 donor=FT[0], **SHARDS_2M),
+    _method_case("linear_gradients_no_normalize", "linear",
+                 _models((FT[0], f"{{weight: {_FILTERED_WEIGHT}}}"), (FT[1], "{weight: [0.1, 0.6]}"), base=FT[0], top="normalize: false"),
+                 donor=FT[0], description="per-model weight gradients and filters, normalize: false"),
+    _method_case("linear_fp32_out", "linear", _models((FT[0], "{weight: 2}"), (FT[1], "{weight: 1}"), base=FT[0],
+                 extra="dtype: float32\nout_dtype: float32\n"), donor=FT[0], description="float32 math and output"),
+    _method_case("task_arithmetic", "task_arithmetic", _models((FT[0], "{weight: 0.7}"), (FT[1], "{weight: -0.3}"), top="lambda: 0.8")),
+    _method_case("ties", "ties", _models(*((m, p[:-1] + ", density: 0.5}") for m, p in W3)), **SHARDS_2M),
+    _method_case("ties_int8_gradients_no_normalize", "ties",
+                 _models((FT[0], f"{{weight: {_FILTERED_WEIGHT}, density: [0.3, 0.9]}}"), (FT[1], "{weight: 0.5, density: 0.7}"),
+                         (FT[2], "{weight: [0.2, 1.0]}"), top="int8_mask: true\nnormalize: false\ndensity: 0.4"),
+                 description="int8_mask, normalize: false, density and weight gradients, filters, top-level fallback"),
+    _method_case("ties_fp32", "ties", _models(*((m, p[:-1] + ", density: 0.6}") for m, p in W3), extra="dtype: float32\n"),
+                 description="TIES computed in float32 (dtype: float32), float32 output"),
+    _method_case("ties_lambda_out_fp16", "ties", _models(*((m, p[:-1] + ", density: 0.8}") for m, p in W3), top="lambda: 1.3",
+                 extra="dtype: bfloat16\nout_dtype: float16\n")),
+    _method_case("dare_ties_dense", "dare_ties", _models(*((m, p[:-1] + ", density: 1.0}") for m, p in W3))),
+    _method_case("dare_ties", "dare_ties", _models(*((m, p[:-1] + ", density: 0.5}") for m, p in W3)), dense="dare_ties_dense"),
+    _method_case("dare_linear_dense", "dare_linear", _models((FT[0], "{weight: 0.6, density: 1.0}"), (FT[1], "{weight: 0.4, density: 1.0}"))),
+    _method_case("dare_linear", "dare_linear", _models((FT[0], "{weight: 0.6, density: 0.3}"), (FT[1], "{weight: 0.4, density: 0.3}")),
+                 dense="dare_linear_dense"),
+    _method_case("breadcrumbs", "breadcrumbs", _models((FT[0], "{weight: 0.8, density: 0.9, gamma: 0.02}"), (FT[1], "{weight: 0.5, density: 0.8}"))),
+    _method_case("breadcrumbs_ties", "breadcrumbs_ties", _models(*((m, p[:-1] + ", density: 0.85, gamma: 0.05}") for m, p in W3))),
+    _method_case("della_dense", "ties", _models(*((m, p[:-1] + ", density: 1.0}") for m, p in W3))),
+    _method_case("della", "della", _models(*((m, p[:-1] + ", density: 0.6, epsilon: 0.1}") for m, p in W3)), dense="della_dense"),
+    _method_case("della_linear_dense", "task_arithmetic", _models((FT[0], "{weight: 0.6}"), (FT[1], "{weight: 0.4}"))),
+    _method_case("della_linear", "della_linear", _models((FT[0], "{weight: 0.6, density: 0.5, epsilon: 0.2}"), (FT[1], "{weight: 0.4, density: 0.5}")),
+                 dense="della_linear_dense"),
+    _method_case("model_stock", "model_stock", _models((FT[0], ""), (FT[1], ""), (FT[2], ""))),
+    _method_case("model_stock_filter_wise", "model_stock", _models((FT[0], ""), (FT[1], ""), top="filter_wise: true")),
+    _method_case("nuslerp", "nuslerp", _models((FT[0], "{weight: 0.7}"), (FT[1], "{weight: 0.3}"), base=None), donor=FT[0]),
+    _method_case("nuslerp_base_row_wise", "nuslerp", _models((FT[0], "{weight: 0.5}"), (FT[1], "{weight: 0.8}"),
+                 top="nuslerp_flatten: false\nnuslerp_row_wise: true")),
+    _method_case("multislerp", "multislerp", _models((FT[0], "{weight: 0.5}"), (FT[1], "{weight: 0.3}"), (FT[2], "{weight: 0.2}"), base=None),
+                 donor=FT[0]),
+    _method_case("multislerp_base", "multislerp", _models((FT[0], "{weight: 0.5}"), (FT[1], "{weight: 0.5}"), top="normalize_weights: false")),
+    _method_case("karcher", "karcher", _models((FT[0], ""), (FT[1], ""), (FT[2], ""), base=FT[0], top="max_iter: 5\ntol: 1.0e-6"), donor=FT[0]),
+    _method_case("sce", "sce", _models((FT[0], ""), (FT[1], ""), (FT[2], ""), top="select_topk: 0.5")),
+    _method_case("nearswap", "nearswap", _models((FT[0], ""), top="t: 0.0005")),
+    _method_case("arcee_fusion", "arcee_fusion", _models((FT[0], ""))),
+    _method_case("ram", "ram", _models((FT[0], ""), (FT[1], ""))),
+    _method_case("ramplus_tl", "ramplus_tl", _models((FT[0], ""), (FT[1], ""), top="r: 0.2\nalpha: 0.3")),
+    Case(
+        name="ties_slices",
+        description="TIES over slices: per-slice base_model and parameters, source parameters, a layer-range remap",
+        recipe=f"""\
+slices:
+  - sources:
+      - model: <<model:{BASE}>>
+        layer_range: [0, 4]
+      - model: <<model:{FT[0]}>>
+        layer_range: [0, 4]
+        parameters: {{weight: 0.6, density: 0.5}}
+      - model: <<model:{FT[1]}>>
+        layer_range: [0, 4]
+        parameters: {{weight: 0.4, density: [0.2, 0.8]}}
+    parameters:
+      normalize: false
+  - sources:
+      - model: <<model:{BASE}>>
+        layer_range: [4, 8]
+      - model: <<model:{FT[2]}>>
+        layer_range: [2, 6]
+        parameters: {{weight: 1.0, density: 0.3}}
+merge_method: ties
+base_model: <<model:{BASE}>>
+dtype: bfloat16
+""",
+        donor=BASE,
+        tags=("method", "ties", "slices"),
+    ),
+    Case(
+        name="ties_stage_slerp",
+        description="the second stage of a pipeline whose first stage is TIES (case ties): SLERP of that TIES output with the base",
+        recipe=f"""\
+models:
+  - model: <<case:ties>>
+  - model: <<model:{BASE}>>
+merge_method: slerp
+base_model: <<model:{BASE}>>
+parameters:
+  t: [0.2, 0.7]
+dtype: bfloat16
+""",
+        depends=("ties",),
+        donor=BASE,
+        tags=("method", "slerp", "pipeline"),
+    ),
+)
+
+CASES = CASES + METHOD_CASES
 
 CASES_BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
 

@@ -162,6 +162,14 @@ def collect(case: C.Case, out_dir: str, roots: dict[str, str]) -> dict:
     }
 
 
+def dense_sumsq(out_dir: str, dense_dir: str) -> dict[str, float]:
+    """Per tensor, the float64 sum of squared differences between a random method's output and the
+    dense (unsparsified) output of the same merge: what nyxray's output must match statistically."""
+    from tests.golden.stats import load_model_tensors, sumsq_distance
+
+    return sumsq_distance(load_model_tensors(out_dir), load_model_tensors(dense_dir))
+
+
 def _is_leaf(v) -> bool:
     if isinstance(v, list):
         return all(not isinstance(e, (list, dict)) for e in v)
@@ -222,6 +230,7 @@ def main(argv=None) -> int:
             if n not in wanted:
                 wanted.add(n)
                 stack.extend(C.CASES_BY_NAME[n].depends)
+                stack.extend([C.CASES_BY_NAME[n].dense] if C.CASES_BY_NAME[n].dense else [])
 
     t0 = time.time()
     names = None if wanted is None else set().union(*(C.case_inputs(C.CASES_BY_NAME[n]) for n in wanted))
@@ -268,6 +277,8 @@ def main(argv=None) -> int:
         for fname in data["other_files"]:
             src = os.path.join(donor_dir, fname)
             copied[fname] = os.path.exists(src) and sha256_file(src) == data["files"][fname]["sha256"]
+        if case.dense:
+            data["dense_sumsq"] = dense_sumsq(out_dir, case_dirs[case.dense])
         golden_cases[case.name] = {
             "description": case.description,
             "recipe": case.recipe,
@@ -283,6 +294,9 @@ def main(argv=None) -> int:
         n_sh = len(data["shards"])
         print(f"{case.name}: {n_sh} shard(s), {len(data['file_order'])} tensors, {dt:.1f}s (PYTHONHASHSEED={seed})", flush=True)
 
+    if wanted is not None and os.path.exists(args.out):  # a partial run updates the cases it ran
+        with open(args.out) as fh:
+            golden_cases = {**json.load(fh)["cases"], **golden_cases}
     golden = {
         "generator": "tests/golden/make_golden.py",
         "mergekit": version[0],
