@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import __version__, api, cli_compat
-from .describe import plan_text, report_text
+from .describe import methods_table, plan_text, report_text
 from .errors import NyxrayError
 from .storage import parse_storage_options
 
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-fast", action="store_true", help="stop at the first member whose recipe is bad")
     _run_options(p)
 
+    sub.add_parser("methods", help="list the merge methods, their parameters and their exactness (Markdown)")
+
     p = sub.add_parser("verify", help="check a written model against its manifest")
     p.add_argument("out")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             report = api.sweep(args.sweep, args.out, fail_fast=args.fail_fast, **_common(args), **_execution(args))
             print(json.dumps({k: v for k, v in report.items() if k != "members"}, indent=2))
             return 1 if report.get("failed") else 0
+        elif args.command == "methods":
+            print(methods_table())
         elif args.command == "verify":
             problems = api.verify(args.out, parse_storage_options(args.storage_option))
             for line in problems:

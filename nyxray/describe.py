@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from .execute.progress import human
+from .methods.base import Method, Param
 from .methods.registry import METHODS
 from .plan import Plan, StagePlan
 
@@ -70,6 +71,33 @@ def _span(values: list[Any]) -> str:
         return ", ".join(str(v) for v in dict.fromkeys(values))
     lo, hi = min(values), max(values)
     return f"{lo:.6g}" if lo == hi else f"{lo:.6g} .. {hi:.6g} (varies by layer)"
+
+
+def methods_table() -> str:
+    """The README's support table (Markdown), generated from the method registry."""
+    rows = ["| method | parameters (scope: default, range) | base model | inputs | output on the CPU |", "|---|---|---|---|---|"]
+    for m in METHODS.values():
+        params = "; ".join(_param_text(p) for p in m.params) or "none"
+        inputs = _inputs_text(m)
+        bits = "reproducible, statistically equal (seeded per tensor)" if m.random else "byte-identical"
+        rows.append(f"| `{m.name}` | {params} | {m.base} | {inputs} | {bits} |")
+    return "\n".join(rows)
+
+
+def _param_text(p: Param) -> str:
+    default = "required" if p.required else f"{p.default}"
+    rng = f", {p.range_text()}" if p.kind is not bool and (p.low is not None or p.high is not None) else ""
+    return f"`{p.name}` ({p.scope}: {default}{rng})"
+
+
+def _inputs_text(m: Method) -> str:
+    parts = []
+    if m.min_inputs > 1 or m.max_inputs is not None:
+        parts.append(f"{m.min_inputs}" + ("+" if m.max_inputs is None else ("" if m.max_inputs == m.min_inputs else f"-{m.max_inputs}")))
+    if m.min_non_base is not None or m.max_non_base is not None:
+        lo, hi = m.min_non_base or 0, m.max_non_base
+        parts.append(f"{lo}" + ("+" if hi is None else ("" if hi == lo else f"-{hi}")) + " besides the base")
+    return ", ".join(parts) or "any"
 
 
 def report_text(r: dict[str, Any]) -> str:

@@ -70,8 +70,8 @@ class Cast:
 class Merge:
     """One output tensor of a merge method (``nyxray.methods.registry``) over ``inputs``.
 
-    ``inputs`` are in the slice's source order and share ``dtype`` (the result's dtype);
-    ``base`` indexes the base model's input. ``params`` are the shared values and ``per_input``
+    ``inputs`` are in the slice's source order and share one dtype; ``dtype`` is the result's
+    (the inputs', or float32 for methods that widen). ``base`` indexes the base model's input. ``params`` are the shared values and ``per_input``
     the per-input ones (each a tuple aligned as the method's scope says), resolved for this
     tensor. ``seed`` seeds this tensor's own random generator (random methods only).
     """

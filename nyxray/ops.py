@@ -157,7 +157,7 @@ def _tensor(e: Expr, data: Mapping[tuple, memoryview], device: str) -> torch.Ten
 def _merge(e: Merge, data: Mapping[tuple, memoryview], device: str) -> torch.Tensor:
     method = registry.METHODS[e.method]
     dtype = TORCH_DTYPES[e.dtype]
-    tensors = [_tensor(x, data, device).to(dtype) for x in e.inputs]  # mergekit promotes a group to one dtype
+    tensors = [_tensor(x, data, device) for x in e.inputs]  # the planner cast them to one dtype
     generator = torch.Generator().manual_seed(e.seed) if e.seed is not None else None
     group = Group(tensors, e.base, dict(e.params), {k: list(v) for k, v in e.per_input}, generator)
     out = registry.function(method)(group)

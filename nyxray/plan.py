@@ -417,8 +417,9 @@ def _plan_tensor(st: _Stage, w: _Want, have: list[_Input]) -> PlannedTensor:
     except ValueError as err:
         raise ModelError(f"{st.recipe.origin}: {w.out}: {err}; set dtype: in the recipe") from None
     seed = tensor_seed(st.random_seed, w.out) if m.random else None
+    result = promote([dtype, "F32"]) if m.float32_result else dtype
     node = Merge(m.name, tuple(cast(e, dtype) for e in exprs), base, tuple(shared.items()),
-                 tuple((k, tuple(v)) for k, v in per_input.items()), seed, dtype)
+                 tuple((k, tuple(v)) for k, v in per_input.items()), seed, result)
     return PlannedTensor(w.out, cast(node, st.out_dtype), m.name, tuple(shown))
 
 

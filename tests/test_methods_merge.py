@@ -177,3 +177,12 @@ def test_mergekit_yaml_flags_are_accepted(models, tmp_path, capsys):
     assert "random_seed 3" in open(os.path.join(out, "README.md")).read()
     assert cli(["merge", str(recipe), str(tmp_path / "bin"), "--no-safe-serialization", "--executor", "local"]) == 1
     assert "safetensors only" in capsys.readouterr().err and not os.path.exists(tmp_path / "bin")
+
+
+def test_readme_support_table_is_the_registry():
+    """The README's table is generated from the registry (``nyxray methods``): it cannot drift."""
+    from nyxray.describe import methods_table
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    table = readme.split("<!-- methods:begin -->\n", 1)[1].split("\n<!-- methods:end -->", 1)[0]
+    assert table == methods_table(), "README's method table is stale: paste the output of `nyxray methods`"

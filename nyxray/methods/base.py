@@ -103,8 +103,9 @@ class Group:
 class Method:
     """A merge method: what a recipe may say to it, and the function that computes a tensor.
 
-    ``merge(group, **options)`` returns the merged tensor in the inputs' (common) dtype, as
-    mergekit's methods do, so the planner knows every output's dtype from headers alone.
+    ``merge(group, **options)`` returns the merged tensor in the inputs' (common) dtype, or in
+    float32 for 16-bit inputs when ``float32_result``, as mergekit's methods do: the planner knows
+    every output's dtype from headers alone.
     """
 
     name: str
@@ -118,6 +119,7 @@ class Method:
     max_non_base: int | None = None
     optional_policy: str = "error"
     random: bool = False  # draws random numbers: reproducible in nyxray, not bit-equal to mergekit
+    float32_result: bool = False  # returns float32 for 16-bit inputs (a float32 mask), as mergekit does
     options: tuple[tuple[str, object], ...] = ()  # keyword switches of a family's shared function
     reference: str = ""
 

@@ -38,10 +38,10 @@ def _gta(name: str, pretty: str, consensus: str | None, sparsify: str | None, no
 
 _ALL = (
     Method("passthrough", "Passthrough", (Param("scale", float, None, "input", doc="multiply the tensor by this"),), "passthrough:merge",
-           max_inputs=1),
+           base="ignored", max_inputs=1),
     Method("slerp", "SLERP", (Param("t", float, doc="0 gives the base model, 1 the other"),), "slerp:merge", base="required",
            min_inputs=2, max_inputs=2, optional_policy="passthrough_singleton"),
-    Method("linear", "Linear", (Param("weight", float, scope="input"), Param("normalize", bool, True)), "linear:merge",
+    Method("linear", "Linear", (Param("weight", float, scope="input"), Param("normalize", bool, True)), "linear:merge", base="ignored",
            reference="https://arxiv.org/abs/2203.05482"),
     _gta("task_arithmetic", "Task Arithmetic", None, None, False, False, "https://arxiv.org/abs/2212.04089"),
     _gta("ties", "TIES", "sum", "magnitude", True, False, "https://arxiv.org/abs/2306.01708"),
@@ -66,7 +66,7 @@ _ALL = (
     Method("nearswap", "NearSwap", (Param("t", float, low=0.0),), "nearswap:merge", base="required", min_inputs=2, max_inputs=2,
            optional_policy="passthrough_base_singleton", reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
     Method("arcee_fusion", "Arcee Fusion", (), "arcee_fusion:merge", base="required", min_inputs=2, max_inputs=2,
-           optional_policy="passthrough_singleton", random=True, reference="https://arcee.ai"),  # samples past 1M elements
+           optional_policy="passthrough_singleton", random=True, float32_result=True, reference="https://arcee.ai"),  # samples past 1M elements
     Method("ram", "Reinforced Agent Merging", (Param("epsilon", float, 1e-5, low=0.0),), "ram:merge_ram", base="required",
            reference="https://arxiv.org/abs/2601.13572"),
     Method("ramplus_tl", "Reinforced Agent Merging Plus (Tensor-Local)",
