@@ -32,7 +32,8 @@ def call(name: str, tensors: list[torch.Tensor], base: int | None, generator: to
         if p.scope == "shared":
             params[p.name] = value
         else:
-            per_input[p.name] = value if isinstance(value, list) else [value] * (len(tensors) if p.scope == "input" else n_non_base)
+            count = len(tensors) if p.scope == "input" else n_non_base
+            per_input[p.name] = value if isinstance(value, list) else [value] * count
     return registry.function(method)(Group(list(tensors), base, params, per_input, generator))
 
 
@@ -67,7 +68,8 @@ def model_stock_reference(base: torch.Tensor, tuned: list[torch.Tensor], rows: b
     flat = [(w - base).reshape(base.shape[0] if rows else 1, -1) for w in tuned]
     pairs = [(a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)) for i, a in enumerate(flat) for b in flat[i + 1:]]
     cos = torch.stack(pairs).mean(0)
-    t = (k * cos / (1 + (k - 1) * cos)).reshape(-1, *([1] * (base.dim() - 1))) if rows else float(k * cos / (1 + (k - 1) * cos))
+    ratio = k * cos / (1 + (k - 1) * cos)
+    t = ratio.reshape(-1, *([1] * (base.dim() - 1))) if rows else float(ratio)
     return t * (sum(tuned) / k) + (1 - t) * base
 
 
@@ -256,7 +258,7 @@ def sparse_task_vectors(count: int, n: int = 1500) -> tuple[torch.Tensor, list[t
     """A base and fine-tunes whose task vectors are each nonzero on a random ~half of the elements."""
     g = torch.Generator().manual_seed(count)
     base = 0.02 * torch.randn(n, dtype=torch.float64, generator=g)
-    deltas = [0.001 * torch.randn(n, dtype=torch.float64, generator=g) * (torch.rand(n, generator=g, dtype=torch.float64) < 0.5)
+    deltas = [0.001 * torch.randn(n, dtype=torch.float64, generator=g) * (torch.rand(n, dtype=torch.float64, generator=g) < 0.5)
               for _ in range(count)]
     return base, [base + d for d in deltas]
 

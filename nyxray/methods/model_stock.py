@@ -25,14 +25,13 @@ def merge(group: Group) -> torch.Tensor:
     elif base.dim() == 1:
         base, tuned = base.unsqueeze(0), [w.unsqueeze(0) for w in tuned]
     deltas = [w - base for w in tuned]
-    cosines = [
-        _cosine(a, b) for i, a in enumerate(deltas) for b in deltas[i + 1:]
-    ]
+    cosines = [_cosine(a, b) for i, a in enumerate(deltas) for b in deltas[i + 1:]]
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     k = len(tuned)
     denominator = 1 + (k - 1) * cos
     singular = denominator.abs() < _SINGULAR
-    ratio = torch.where(singular, torch.zeros_like(cos), (k * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    ratio = torch.where(singular, torch.zeros_like(cos), (k * cos) / safe)
     average = sum(tuned) / k  # Python's sum: 0 + w_1 + ... in the inputs' dtype, as mergekit adds them
     return (ratio * average + (1 - ratio) * base).reshape(shape)
 
