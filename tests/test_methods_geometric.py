@@ -308,17 +308,18 @@ def test_ram_base_alone_is_the_base():
 
 # --- result dtypes, threads --------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,extra,promotes", [
-    ("model_stock", {}, False), ("nuslerp", {"weight": [1.0, 1.0]}, False), ("multislerp", {"weight": [1.0, 1.0]}, False),
-    ("karcher", {}, False), ("nearswap", {"t": 1e-3}, False), ("ram", {}, False),
-    ("arcee_fusion", {}, True), ("ramplus_tl", {}, True),
+@pytest.mark.parametrize("name,extra", [
+    ("model_stock", {}), ("nuslerp", {"weight": [1.0, 1.0]}), ("multislerp", {"weight": [1.0, 1.0]}), ("karcher", {}),
+    ("nearswap", {"t": 1e-3}), ("ram", {}), ("arcee_fusion", {}), ("ramplus_tl", {}),
 ])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_result_dtype(name, extra, promotes, dtype):
-    """As mergekit 0.1.5: the inputs' dtype, except arcee_fusion and ramplus_tl (a float32 factor)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_result_dtype_is_the_declared_one(name, extra, dtype):
+    """The planner takes each output's dtype from the declaration: the inputs' dtype, or at least
+    float32 with ``float32_result`` (arcee_fusion's mask and ramplus_tl's factor are float32)."""
     xs = models((16, 16), 3 if name not in ("nearswap", "arcee_fusion") else 2, dtype=dtype, seed=18)
     out = call(name, xs, None if name == "karcher" else 0, **extra)
-    assert out.dtype == (torch.promote_types(dtype, torch.float32) if promotes else dtype)
+    widened = registry.get(name).float32_result  # type: ignore[union-attr]
+    assert out.dtype == (torch.promote_types(dtype, torch.float32) if widened else dtype)
     assert out.shape == xs[0].shape
 
 

@@ -71,7 +71,7 @@ _ALL = (
            reference="https://arxiv.org/abs/2601.13572"),
     Method("ramplus_tl", "Reinforced Agent Merging Plus (Tensor-Local)",
            (Param("r", float, 0.1, low=0.0), Param("alpha", float, 0.2, low=0.0), Param("epsilon", float, 1e-5, low=0.0)),
-           "ram:merge_ramplus_tl", base="required", reference="https://arxiv.org/abs/2601.13572"),
+           "ram:merge_ramplus_tl", base="required", float32_result=True, reference="https://arxiv.org/abs/2601.13572"),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
