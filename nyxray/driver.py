@@ -16,6 +16,7 @@ from typing import Any
 from .commit import Claim, claim, finalize, inspect, record_shard
 from .devices import check_device
 from .errors import NyxrayError
+from .execute.choice import EXECUTORS, choose
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
 from .plan import StagePlan
@@ -35,7 +36,6 @@ class Target:
 
 
 DEVICES = ("auto", "cpu", "cuda")
-EXECUTORS = ("ray", "local")
 
 
 def check_execution(device: str, executor: str, actors: int | None, keep_actors: float = 0.0) -> None:
@@ -48,7 +48,7 @@ def check_execution(device: str, executor: str, actors: int | None, keep_actors:
         raise NyxrayError(f"actors={actors}: expected at least 1")
     if not keep_actors >= 0:
         raise NyxrayError(f"keep_actors={keep_actors}: expected seconds >= 0 (0: stop the actors when the merge ends)")
-    if keep_actors and executor != "ray":
+    if keep_actors and executor == "local":
         raise NyxrayError(f"keep_actors={keep_actors}: only the ray executor has actors to keep")
 
 
@@ -77,13 +77,18 @@ def make_units(targets: list[Target], overwrite: bool, share_reads: bool) -> lis
 
 def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor: str, progress: bool, copy_tokenizer: bool,
                 write_model_card: bool, share_reads: bool = False, address: str | None = None, actors: int | None = None,
-                actor_cpus: float = 1.0, actor_gpus: float | None = None, keep_actors: float = 0.0) -> tuple[list[dict], dict[str, float]]:
-    """Run and commit every target; returns the per-actor summaries and the phase timings.
+                actor_cpus: float = 1.0, actor_gpus: float | None = None, keep_actors: float = 0.0
+                ) -> tuple[list[dict], dict[str, float], dict[str, str]]:
+    """Run and commit every target; returns the per-worker summaries, the phase timings and the
+    executor that ran (``name`` and ``why``: ``auto`` picks Ray only when a cluster is named).
 
     Timings, in seconds: ``start`` (claiming outputs, connecting, starting workers: until the first
     unit is handed out), ``run`` (until the last unit is done), ``commit`` (index, config, manifest).
+    ``actors`` is the number of workers (Ray actors, or threads of this process for ``local``).
     """
     started = time.monotonic()
+    chosen = choose(executor, address, keep_actors)
+    executor = chosen.name
     check_device(device, executor, address, actor_gpus)  # before any output is claimed
     units = make_units(targets, overwrite, share_reads)
     by_loc = {tg.loc.display: tg for tg in targets}
@@ -102,7 +107,7 @@ def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor
     elif executor == "local":
         from .execute.local import execute as run_local
 
-        workers = run_local(units, device, bar, on_result)
+        workers = run_local(units, device, bar, on_result, workers=actors)
     else:
         from .execute.ray_exec import execute as run_ray
 
@@ -117,7 +122,7 @@ def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor
             records = {r.path: _record(r) for r in tg.results}
             finalize(tg.loc, tg.stage, records, tg.text, copy_tokenizer, write_model_card)
     timings = {"start": began - started, "run": ran - began, "commit": time.monotonic() - ran}
-    return workers, {k: round(v, 3) for k, v in timings.items()}
+    return workers, {k: round(v, 3) for k, v in timings.items()}, chosen.report()
 
 
 def _record(r: UnitResult) -> dict:

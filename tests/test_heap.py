@@ -33,14 +33,21 @@ def test_large_blocks_come_from_the_heap_only_while_retained():
     del block
 
 
-def test_run_unit_restores_the_garbage_collector(tmp_path):
-    from nyxray.execute.unit import run_unit
+def test_pool_settings_hold_for_the_pool_and_are_restored_after():
+    """The in-process pool pauses the GC and fixes torch's threads once, for its lifetime (units
+    run side by side, so none may toggle them), and gives the caller's process its own back."""
+    import torch
 
+    from nyxray.execute.runtime import MATH_THREADS, pool_settings
+
+    before = torch.get_num_threads()
     for enabled in (True, False):
         (gc.enable if enabled else gc.disable)()
         try:
-            with pytest.raises(AttributeError):
-                run_unit(None, "cpu")  # type: ignore[arg-type]  # fails inside: the state must still come back
-            assert gc.isenabled() == enabled
+            with pytest.raises(RuntimeError):
+                with pool_settings(math=True):
+                    assert not gc.isenabled() and torch.get_num_threads() == MATH_THREADS
+                    raise RuntimeError("a unit failed")  # the state must still come back
+            assert gc.isenabled() == enabled and torch.get_num_threads() == before
         finally:
             gc.enable()

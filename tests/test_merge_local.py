@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import nyxray
 from nyxray.cli import main as cli
 from nyxray.execute.runtime import pool_settings
+from tests.golden import cases as G
 from nyxray.ops import slerp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +123,31 @@ def test_slerp_against_float64_reference_and_t_rules(stage1, tmp_path):
             th = torch.acos(torch.dot(x / x.norm(), y / y.norm()))
             r = (torch.sin((1 - tt) * th) * x + torch.sin(tt * th) * y) / torch.sin(th)
             assert (t.double().flatten() - r).norm() / r.norm() < 3e-3
+
+
+def test_units_in_parallel_write_the_bytes_of_one_unit_at_a_time(tmp_path):
+    """SLERP units side by side on the in-process pool's threads write the tensors one worker
+    writes, and that one is mergekit --num-threads 1's file, while the caller runs torch on 2
+    threads: the big pair's chunk sums split across threads (other bits) unless every worker keeps
+    one torch thread for the pool's whole life, whatever the other units do meanwhile."""
+    case = G.CASES_BY_NAME["slerp_threads_j1"]
+    recipe = G.render_recipe(case, G.build_inputs(str(tmp_path / "models"), [G.BIG_NEAR]), {})
+    golden = json.load(open(os.path.join(os.path.dirname(__file__), "golden", "golden.json")))["cases"][case.name]
+    one, many = str(tmp_path / "one"), str(tmp_path / "many")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        nyxray.merge(recipe, one, executor="local", actors=1, progress=False, write_model_card=False)
+        report = nyxray.merge(recipe, many, executor="local", actors=4, out_shard_size="8M", progress=False, write_model_card=False)
+        assert torch.get_num_threads() == 2  # the caller's setting comes back
+    finally:
+        torch.set_num_threads(before)
+    assert shard_hashes(one) == {"model.safetensors": golden["files"]["model.safetensors"]["sha256"]}
+    assert report["shards"] >= 8 and len(report["actors"]) == 4 and sum(w["units"] for w in report["actors"]) == report["shards"]
+    a, b = load_dir(one), load_dir(many)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name].view(torch.int16), b[name].view(torch.int16)), name
 
 
 def test_fused_pipeline_equals_stages_run_one_by_one(nyxene_sources, stage1, tmp_path):
@@ -230,3 +256,21 @@ def test_cli_summary_states_the_phases(nyxene_sources, tmp_path, capsys):
     assert cli(["merge", STAGE1A, out, "--models-root", nyxene_sources, "--executor", "local", "--out-shard-size", "6M", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert re.search(r"^time: plan \d+\.\ds, start-up \d+\.\ds, run \d+\.\ds \([\d.]+ MB/s\), commit \d+\.\ds$", text, re.M), text
+
+
+def test_auto_runs_in_process_without_ray_and_says_why(stage1, tmp_path):
+    """With no cluster named, the default executor runs here: Ray is never imported (its import and
+    start-up cost seconds), and the report and the CLI summary say which executor ran and why."""
+    out = str(tmp_path / "out")
+    code = ("import json, sys; from nyxray.cli import main; rc = main(sys.argv[1:]); "
+            "print(json.dumps({'rc': rc, 'ray': 'ray' in sys.modules}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
+    run = subprocess.run([sys.executable, "-c", code, "merge", SLERP, out, "--model", f"loyal-piano-cybertron-11B={stage1[0]}",
+                          "--model", f"Starling-NeuralHermes-11B={stage1[1]}", "--quiet", "--report", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert json.loads(lines[-1]) == {"rc": 0, "ray": False}
+    assert "executor: local (no Ray cluster named" in run.stdout
+    report = json.load(open(tmp_path / "r.json"))
+    assert report["executor"]["name"] == "local" and "no Ray cluster named" in report["executor"]["why"]

@@ -1,44 +1,80 @@
-"""Run work units in this process, one after another: tests, debugging, tiny merges."""
+"""Run work units in this process, several at once: the pool of :mod:`.scheduler` made of threads.
+
+torch's kernels, SHA-256 and file I/O release the GIL, so units in flight on threads use the
+machine's cores: one worker per core, each computing on one torch thread (:mod:`.runtime`), or
+one worker per local GPU when the math runs on GPUs. Memory is bounded by the workers in flight
+times a unit's own bound (:mod:`.unit`). Nothing here imports Ray.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
-from ..devices import resolve_device, set_math_threads
-from . import heap
+from ..devices import resolve_device
 from .progress import Progress
+from .runtime import fix_math_threads, pool_settings
+from .scheduler import Scheduler
 from .unit import Unit, UnitResult, run_unit
 
 
-def execute(units: list[Unit], device: str, progress: Progress, on_result: Callable[[Unit, UnitResult], None]) -> list[dict]:
-    """Run every unit here; returns the per-worker summary (one worker)."""
+def execute(units: list[Unit], device: str, progress: Progress, on_result: Callable[[Unit, UnitResult], None],
+            workers: int | None = None) -> list[dict]:
+    """Run every unit here on ``workers`` threads (default: one per core or local GPU); returns
+    the per-worker summary."""
+    math = any(u.needs_math for u in units)
+    devices = worker_devices(device if math else "cpu", workers)[: max(1, len(units))]
+    with pool_settings(math):
+        return Scheduler(ThreadPool(devices, math), progress, on_result).run(units)
+
+
+def cores() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_devices(device: str, workers: int | None = None) -> list[str]:
+    """The device of each worker: every local GPU in turn for ``cuda``/``auto`` with GPUs, the one
+    GPU named by ``cuda:N``, else the CPU, one worker per core."""
     dev = resolve_device(device)
-    # One torch thread, as in an actor: the reader and writer threads (and hashing) need the other
-    # cores, and OpenMP's spinning costs more than it gains here (bench/README.md).
-    with heap.retained():
-        if not any(u.needs_math for u in units):
-            return _run(units, dev, progress, on_result)
-        threads = set_math_threads(1)
-        try:
-            return _run(units, dev, progress, on_result)
-        finally:
-            from ..ops import free_buffers  # torch is loaded already: math ran here
+    if dev.startswith("cuda:"):
+        return [dev] * (workers or 1)
+    if dev == "cuda":
+        import torch  # loaded already: resolve_device or the caller probed CUDA
 
-            free_buffers()  # the caller's process, not ours: keep nothing after the merge
-            set_math_threads(threads)
+        gpus = max(1, torch.cuda.device_count())
+        return [f"cuda:{i % gpus}" for i in range(workers or gpus)]
+    return [dev] * (workers or cores())
 
 
-def _run(units: list[Unit], dev: str, progress: Progress, on_result: Callable[[Unit, UnitResult], None]) -> list[dict]:
-    progress.begin()
-    worker = {"actor": 0, "node_id": platform.node(), "device": dev, "units": 0, "bytes_read": 0, "bytes_written": 0, "busy_s": 0.0}
-    for unit in units:
-        result = run_unit(unit, dev, lambda r, w: progress.add(r, w))
-        progress.add(units=1)
-        worker["bytes_read"] += result.bytes_read
-        worker["bytes_written"] += result.unit_bytes_written
-        worker["busy_s"] += result.busy_s
-        worker["units"] += 1
-        result.worker = {"actor": 0, "node_id": worker["node_id"], "device": dev}
-        on_result(unit, result)
-    return [worker]
+class ThreadPool:
+    """Workers as threads of this process; a worker never goes away, so nothing is ever lost."""
+
+    def __init__(self, devices: list[str], math: bool):
+        self.devices, self.size = devices, len(devices)
+        self.node = platform.node()
+        # Each thread fixes its own torch thread count (per thread under OpenMP) before any unit.
+        self.threads = ThreadPoolExecutor(self.size, "nyxray-unit", initializer=fix_math_threads if math else None)
+
+    def start(self, worker: int) -> Future:
+        started: Future = Future()
+        started.set_result((self.node, self.devices[worker]))
+        return started
+
+    def run(self, worker: int, work: Unit, on_progress: Callable[[int, int], None]) -> Future:
+        return self.threads.submit(run_unit, work, self.devices[worker], on_progress)
+
+    def poll(self, workers: list[int], on_progress: Callable[[int, int], None]) -> None:
+        """Nothing to collect: units report their bytes as they move them."""
+
+    def no_start(self, waited_s: float) -> str:
+        return f"no worker thread started in {waited_s:.0f} s"  # unreachable: start() answers at once
+
+    def close(self, finished: bool) -> None:
+        """Wait for the units in flight (a failed run's too: none may write after the merge returns)."""
+        self.threads.shutdown(wait=True, cancel_futures=True)

@@ -9,7 +9,6 @@ The unit is deterministic: a retry writes the same bytes under the same name.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import queue
 import threading
@@ -61,6 +60,15 @@ class Unit:
     def write_bytes(self) -> int:
         return sum(u.shard.size for u in [self, *self.siblings])
 
+    @property
+    def size(self) -> int:
+        """Bytes the unit moves (reads and writes): the scheduler hands out the largest first."""
+        return self.write_bytes + self.read_bytes
+
+    @property
+    def title(self) -> str:
+        return f"shard {self.label}{self.shard.name}"
+
 
 @dataclass
 class UnitResult:
@@ -74,7 +82,6 @@ class UnitResult:
     bytes_written: int
     busy_s: float
     reused: bool = False
-    worker: dict = field(default_factory=dict)
     siblings: list["UnitResult"] = field(default_factory=list)
 
     @property
@@ -177,19 +184,9 @@ def run_unit(unit: Unit, device: str = "cpu", on_progress: Callable[[int, int], 
     """Produce the unit's shard (and its siblings') and return the manifest(s).
 
     ``on_progress(bytes_read, bytes_written)`` is called as data moves (for the progress bar).
-    The cyclic garbage collector is paused meanwhile: a unit makes no cycles worth collecting, and
-    each full collection would walk every object torch and the plan hold.
+    Process-wide settings (torch threads, the cyclic GC, the heap) belong to the worker pool
+    (:mod:`.runtime`), never to a unit: units run side by side in one process.
     """
-    paused = gc.isenabled()
-    gc.disable()
-    try:
-        return _run_unit(unit, device, on_progress)
-    finally:
-        if paused:
-            gc.enable()
-
-
-def _run_unit(unit: Unit, device: str, on_progress: Callable[[int, int], None] | None) -> UnitResult:
     started = time.monotonic()
     members = [unit, *unit.siblings]
     results: list[UnitResult | None] = [_reusable(u) for u in members]

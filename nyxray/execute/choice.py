@@ -1,0 +1,45 @@
+"""Which executor runs a merge, and why: Ray when a cluster is named, else this process.
+
+Starting a local Ray costs seconds (processes, torch imported again in each actor) and pays off
+only on a cluster, so ``auto`` runs in-process unless a cluster is named: ``address``,
+``RAY_ADDRESS``, the environment of a Ray job's entry point, or a Ray already initialised in this
+process (an API caller's, or a Ray task's). Deciding never imports Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+EXECUTORS = ("auto", "ray", "local")
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted entry point
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The executor that runs (``ray`` or ``local``) and the reason, for the report."""
+
+    name: str
+    why: str
+
+    def report(self) -> dict[str, str]:
+        return {"name": self.name, "why": self.why}
+
+
+def choose(executor: str, address: str | None = None, keep_actors: float = 0.0) -> Choice:
+    """Resolve ``executor`` (one of :data:`EXECUTORS`, validated by the caller)."""
+    if executor != "auto":
+        return Choice(executor, f"asked for (executor={executor})")
+    if address:
+        return Choice("ray", f"a Ray cluster was named (address={address})")
+    if os.environ.get("RAY_ADDRESS"):
+        return Choice("ray", "a Ray cluster was named (RAY_ADDRESS)")
+    if os.environ.get(JOB_ENV):
+        return Choice("ray", "running as a Ray job")
+    ray = sys.modules.get("ray")  # imported by the caller, never by us
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        return Choice("ray", "Ray is already initialised in this process")
+    if keep_actors > 0:
+        return Choice("ray", f"keep_actors={keep_actors:g} asks for Ray actors to keep")
+    return Choice("local", "no Ray cluster named (address, RAY_ADDRESS, a Ray job): in this process, no Ray start-up")
