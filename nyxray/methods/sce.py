@@ -19,7 +19,7 @@ _TINY_WEIGHT_SUM = 1e-6  # below this the mean squares are too small to weigh wi
 _MIN_DIVISOR = 1e-6
 
 
-@single_threaded  # whole-tensor sums (rescale, mean squares) are mergekit's bits on one thread
+@single_threaded  # the mean squares are whole-row sums: mergekit's bits on one thread
 def merge(group: Group) -> torch.Tensor:
     """The merged tensor in the inputs' dtype; the base itself when there is no other input.
 

@@ -21,7 +21,7 @@ from .sparsify import sparsify as sparsify_delta
 _ZERO_WEIGHT_SUM = 1e-8  # without consensus, a weight sum below this divides by 1 instead (as mergekit)
 
 
-@single_threaded  # whole-tensor sums (rescale, mean squares) are mergekit's bits on one thread
+@single_threaded  # the rescale's whole-tensor sums are mergekit's bits on one thread
 def merge(group: Group, *, consensus: str | None, sparsify: str | None) -> torch.Tensor:
     """The merged tensor, in the inputs' dtype; the base itself when there is no other input."""
     base = group.base_tensor
@@ -60,7 +60,7 @@ def merge(group: Group, *, consensus: str | None, sparsify: str | None) -> torch
         mixed /= divisor
     if params["lambda"] != 1:
         mixed *= params["lambda"]
-    return (base + mixed).to(base.dtype)
+    return base + mixed
 
 
 def majority_sign(deltas: torch.Tensor) -> torch.Tensor:
