@@ -10,7 +10,8 @@ Self-contained (no pytest); run it on a machine with a GPU, from the repository 
 Steps (synthetic Mistral-shaped bf16 models from ``nyxray.synthetic``, ``executor="local"``):
 
 1. correctness, small models: a passthrough recipe (a frankenmerge: byte copies), the same cast to
-   float16 (computed on the device), and a SLERP recipe with a ``t`` gradient, each merged with
+   float16 (computed on the device), a SLERP recipe with a ``t`` gradient, and one recipe for each
+   other merge method over a base and fine-tunes of it (``METHODS``), each merged with
    ``device="cuda"`` and ``device="cpu"``. Passthrough must be byte-identical (else exit 1). For
    SLERP and the cast it prints, against the CPU output: the number of differing elements, the
    max abs error and the max difference in bf16/fp16 ulps.
@@ -112,7 +113,39 @@ parameters:
     - value: 0.5
 dtype: bfloat16
 """
-    return {"passthrough": passthrough, "cast-fp16": passthrough.replace("dtype: bfloat16", "dtype: float16"), "slerp": slerp}
+    return {"passthrough": passthrough, "cast-fp16": passthrough.replace("dtype: bfloat16", "dtype: float16"), "slerp": slerp, **method_recipes()}
+
+
+# Every other method over a base (A) and fine-tunes of it (C, D, E): method -> (parameters of each
+# fine-tune, top-level parameters). Random methods draw on the CPU, so the masks match the CPU run's.
+METHODS = {
+    "linear": ("{weight: 0.5}", "{}"),
+    "task_arithmetic": ("{weight: 0.5}", "{lambda: 0.9}"),
+    "ties": ("{weight: 0.5, density: 0.5}", "{}"),
+    "dare_ties": ("{weight: 0.5, density: 0.5}", "{}"),
+    "dare_linear": ("{weight: 0.5, density: 0.5}", "{}"),
+    "breadcrumbs_ties": ("{weight: 0.5, density: 0.9, gamma: 0.02}", "{}"),
+    "della": ("{weight: 0.5, density: 0.6, epsilon: 0.1}", "{}"),
+    "model_stock": ("{}", "{}"),
+    "multislerp": ("{weight: 0.4}", "{}"),
+    "karcher": ("{}", "{max_iter: 5}"),
+    "sce": ("{}", "{select_topk: 0.5}"),
+    "ram": ("{}", "{}"),
+    "ramplus_tl": ("{}", "{}"),
+}
+TWO_INPUT = {"nuslerp": ("{weight: 0.5}", "{}"), "nearswap": ("{}", "{t: 0.001}"), "arcee_fusion": ("{}", "{}")}
+
+
+def method_recipes() -> dict[str, str]:
+    out = {}
+    for name, (each, top) in {**METHODS, **TWO_INPUT}.items():
+        others = ("C", "D") if name in TWO_INPUT and name != "nuslerp" else ("C", "D", "E")
+        others = others[:1] if name in ("nearswap", "arcee_fusion") else others[:2] if name == "nuslerp" else others
+        models = "".join(f"  - model: {m}\n    parameters: {each}\n" for m in others)
+        baseless = name in ("linear", "karcher", "multislerp")
+        base = "" if baseless else "base_model: A\n"
+        out[name] = f"merge_method: {name}\n{base}models:\n{models}parameters: {top}\ndtype: bfloat16\n"
+    return out
 
 
 def model_files(out: str) -> dict[str, bytes]:
@@ -208,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = ModelShape(hidden=256, intermediate=768, layers=8, vocab=9000, heads=8, kv_heads=2)
         models = {"A": make_model(os.path.join(work, "small-A"), shape, seed=1, shard_bytes=4_000_000),
                   "B": make_model(os.path.join(work, "small-B"), shape, seed=2, shard_bytes=4_000_000)}
+        for i, name in enumerate("CDE"):  # fine-tunes of A (A + 3% noise): realistic task vectors
+            models[name] = make_model(os.path.join(work, f"small-{name}"), shape, seed=5 + i, shard_bytes=4_000_000, like=models["A"], like_noise=0.03)
         texts = recipes(shape.layers)
         print("\n== correctness (small models, executor=local) ==")
         for kind, text in texts.items():

@@ -79,7 +79,8 @@ def methods_table() -> str:
     for m in METHODS.values():
         params = "; ".join(_param_text(p) for p in m.params) or "none"
         inputs = _inputs_text(m)
-        bits = "reproducible, statistically equal (seeded per tensor)" if m.random else "byte-identical"
+        bits = m.note or ("reproducible, statistically equal (seeded per tensor)" if m.random else "byte-identical")
+        bits += "; float32 for 16-bit inputs" if m.float32_result else ""
         rows.append(f"| `{m.name}` | {params} | {m.base} | {inputs} | {bits} |")
     return "\n".join(rows)
 

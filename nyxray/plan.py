@@ -380,7 +380,9 @@ def _one(st: _Stage, p: Param, levels: list, tensor_name: str, pos: float, where
     r = resolve(p.name, levels, tensor_name, pos, p.kind)
     if r is None:
         if p.required:
-            raise RecipeError(f"{where}.{p.name}", f"missing required parameter {p.name} for {what} ({st.method.name}: no setting, and no filter matches it)", st.recipe.origin)
+            hint = "; the base_model is merged as one more input here: list it under models: with its own parameters" if where == "base_model.parameters" else ""
+            raise RecipeError(f"{where}.{p.name}", f"missing required parameter {p.name} for {what} ({st.method.name}: no setting, and no filter matches it){hint}",
+                              st.recipe.origin)
         return p.default, "default"
     problem = p.problem(r.value)
     if problem:

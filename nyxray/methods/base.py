@@ -119,7 +119,8 @@ class Method:
     max_non_base: int | None = None
     optional_policy: str = "error"
     random: bool = False  # draws random numbers: reproducible in nyxray, not bit-equal to mergekit
-    float32_result: bool = False  # returns float32 for 16-bit inputs (a float32 mask), as mergekit does
+    float32_result: bool = False  # returns float32 for 16-bit inputs (a float32 factor), as mergekit does
+    note: str = ""  # said in the support table's exactness column
     options: tuple[tuple[str, object], ...] = ()  # keyword switches of a family's shared function
     reference: str = ""
 

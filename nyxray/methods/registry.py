@@ -66,7 +66,8 @@ _ALL = (
     Method("nearswap", "NearSwap", (Param("t", float, low=0.0),), "nearswap:merge", base="required", min_inputs=2, max_inputs=2,
            optional_policy="passthrough_base_singleton", reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
     Method("arcee_fusion", "Arcee Fusion", (), "arcee_fusion:merge", base="required", min_inputs=2, max_inputs=2,
-           optional_policy="passthrough_singleton", random=True, float32_result=True, reference="https://arcee.ai"),  # samples past 1M elements
+           optional_policy="passthrough_singleton", random=True, float32_result=True, reference="https://arcee.ai",
+           note="byte-identical up to 1,000,000 elements; above, its quartiles come from a seeded sample: reproducible"),  # samples past 1M elements
     Method("ram", "Reinforced Agent Merging", (Param("epsilon", float, 1e-5, low=0.0),), "ram:merge_ram", base="required",
            reference="https://arxiv.org/abs/2601.13572"),
     Method("ramplus_tl", "Reinforced Agent Merging Plus (Tensor-Local)",
