@@ -140,6 +140,15 @@ def test_a_worker_that_never_starts_holds_no_work():
     assert pool.closed is False  # some workers never answered: not kept
 
 
+def test_a_worker_that_fails_to_start_fails_the_run_saying_why():
+    class Broken(FakePool):
+        def start(self, worker: int) -> Future:
+            return done(error=ImportError("no torch here"))
+
+    with pytest.raises(NyxrayError, match=r"worker 0 could not start: ImportError\('no torch here'\)"):
+        schedule(Broken(1), [Piece(1, "p")])
+
+
 def test_no_worker_starting_in_time_fails_with_the_pools_reason():
     pool = FakePool(2, never_start={0, 1})
     started = time.monotonic()

@@ -2,8 +2,9 @@
 
 One actor per GPU (``num_gpus=1``) when the cluster has GPUs and the device allows it, else one per
 ``actor_cpus`` CPUs. An actor runs one unit at a time and computes on one torch thread
-(:mod:`.runtime`); its other CPUs serve the unit's reads, writes and hashing. Only units (metadata) go to actors and only small manifests come back: no
-tensor data passes through the driver or the object store. An actor or node that dies is a lost
+(:mod:`.runtime`); its other CPUs serve the unit's reads, writes and hashing. Only units (metadata)
+go to actors and only small manifests come back: no tensor data passes through the driver or the
+object store. An actor or node that dies is a lost
 worker (:class:`~.scheduler.WorkerLost`): the scheduler gives its unit to another actor; a unit
 that fails for a deterministic reason (bad input, storage refusing access) fails the run.
 """

@@ -145,6 +145,10 @@ class Scheduler(Generic[W, R]):
             if self.starts[i] < 2 * MAX_ATTEMPTS:
                 self._start(i)  # lost while starting (its node went away): it restarts elsewhere
             return  # else: left out; the other workers do the work
+        except NyxrayError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a worker that cannot start fails the run, saying why
+            raise NyxrayError(f"worker {i} could not start: {e!r}") from e
         self.summary[i]["node_id"], self.summary[i]["device"] = node_id, device
         self.starts[i] = 0
         self.idle.append(i)
