@@ -6,13 +6,20 @@ atomically under their final names. ``config.json``, tokenizer files, the model 
 follow, and ``nyxray-manifest.json`` is written last: it is the commit marker. An output without it
 is incomplete. Re-running the same plan reuses every shard whose bytes still match its record.
 A location holding anything else is refused unless ``overwrite`` is given.
+
+Re-running into a complete output checks it first (as :func:`verify` does). Intact, it is left
+untouched. Damaged, it is repaired: the intact shards are recorded as state, then the manifest,
+index and ``config.json`` are removed, so from that moment until the new manifest is written the
+output reads as incomplete to ``verify`` and to any loader; only the damaged shards are rewritten.
+Every step runs under the output's lease (:mod:`nyxray.lease`), so no other run writes there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -21,6 +28,7 @@ from . import __version__
 from .errors import NyxrayError, OutputError, StorageError
 from .graph import signature
 from .methods.registry import METHODS
+from .lease import LEASE
 from .plan import StagePlan
 from .storage import Location
 
@@ -44,10 +52,11 @@ def plan_id(stage: StagePlan) -> str:
 class Claim:
     """What an output location holds for a plan, decided before anything is written."""
 
-    complete: bool  # a committed manifest of this very plan is already there
+    complete: bool  # a committed manifest of this very plan is there (and, after claim, intact)
     records: dict[str, dict]  # shard name -> {"size", "sha256", "tensors"} of shards already written
     files: list[str]  # what the location held
     plan_id: str
+    verified: dict[str, dict] = field(default_factory=dict)  # records whose bytes claim checked: nothing to redo
 
 
 def _json(loc: Location, name: str) -> Any:
@@ -57,6 +66,12 @@ def _json(loc: Location, name: str) -> Any:
         return None
 
 
+def _state(out: Location) -> dict | None:
+    """The unfinished merge's state.json; None when a run was stopped before writing it (its
+    ``.nyxray`` folder then holds nothing to trust or to protect)."""
+    return (_json(out, STATE) or {}) if out.exists(STATE) else None
+
+
 def inspect(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
     """Decide whether ``out`` may receive this plan's model, reading only.
 
@@ -64,7 +79,7 @@ def inspect(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
     ``overwrite``. All outputs of a run are inspected before any is written to.
     """
     pid = plan_id(stage)
-    files = out.listdir()
+    files = [f for f in out.listdir() if f != LEASE]
     if MANIFEST in files:
         manifest = _json(out, MANIFEST) or {}
         if manifest.get("plan_id") == pid:
@@ -72,14 +87,14 @@ def inspect(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
         if not overwrite:
             raise OutputError(f"{out.display} already holds a complete model from a different recipe or plan; pass --overwrite to replace it, or choose another output")
     elif STATE_DIR in files:
-        state = _json(out, STATE) or {}
-        if state.get("plan_id") != pid and not overwrite:
+        state = _state(out)
+        if state is not None and state.get("plan_id") != pid and not overwrite:
             raise OutputError(f"{out.display} holds an unfinished merge of a different recipe or plan; pass --overwrite to replace it, or choose another output")
     elif files and not overwrite:
         shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "")
         raise OutputError(f"{out.display} is not empty ({shown}) and was not written by nyxray; pass --overwrite to write into it anyway")
     records = {}
-    state = _json(out, STATE) if STATE_DIR in files else None
+    state = _state(out) if STATE_DIR in files else None
     if state and state.get("plan_id") == pid:
         for name in out.listdir(f"{STATE_DIR}/shards"):
             rec = _json(out, f"{STATE_DIR}/shards/{name}")
@@ -90,8 +105,14 @@ def inspect(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
 
 def claim(out: Location, stage: StagePlan, c: Claim, overwrite: bool) -> None:
     """Take ``out`` for the plan ``inspect`` accepted: with ``overwrite`` remove the stale nyxray
-    files of an older plan; drop temp files of killed writers; record the plan in state.json."""
+    files of an older plan; drop temp files of killed writers; record the plan in state.json.
+    A complete output is checked, and invalidated for repair when damaged (:func:`_invalidate`)."""
     if c.complete:
+        damaged = _damaged_shards(out, c.records)
+        c.verified = {n: r for n, r in c.records.items() if n not in damaged}
+        missing = [f for f in (_json(out, MANIFEST) or {}).get("files", []) if not out.exists(f)]
+        if damaged or missing:
+            _invalidate(out, stage, c, damaged)
         return
     if overwrite:
         planned = {s.name for s in stage.shards}
@@ -100,7 +121,47 @@ def claim(out: Location, stage: StagePlan, c: Claim, overwrite: bool) -> None:
                 out.delete(f)
     out.remove_partial_writes()
     out.makedirs()
+    _write_state(out, stage, c)
+
+
+def _write_state(out: Location, stage: StagePlan, c: Claim) -> None:
+    """Record which plan owns the unfinished output (a re-run of another plan is refused)."""
     out.write_atomic(STATE, json.dumps({"plan_id": c.plan_id, "nyxray_version": __version__, "recipe_sha256": stage.recipe.sha256}).encode())
+
+
+def _damaged_shards(out: Location, records: dict[str, dict]) -> set[str]:
+    """Names of the recorded shards whose file is missing or differs from its record (checked
+    concurrently: sizes, then sha256 of every byte)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        problems = pool.map(lambda rec: _shard_problem(out, rec), records.values())
+        return {name for name, problem in zip(records, problems) if problem}
+
+
+def _shard_problem(out: Location, rec: dict) -> str | None:
+    """What is wrong with a written shard against its record (None: byte for byte as recorded)."""
+    name = rec["name"]
+    if not out.exists(name):
+        return f"{name}: missing"
+    size = out.size(name)
+    if size != rec["size"]:
+        return f"{name}: size {size} != {rec['size']} in the manifest"
+    if out.sha256(name, size) != rec["sha256"]:
+        return f"{name}: sha256 does not match the manifest (corrupted)"
+    return None
+
+
+def _invalidate(out: Location, stage: StagePlan, c: Claim, damaged: set[str]) -> None:
+    """Turn a damaged complete output back into a resumable one before anything is rewritten:
+    record the plan and the intact shards as state first (a crash from here on resumes), then
+    remove the manifest, index and config (the output is no longer a model), then the damaged
+    shards."""
+    _write_state(out, stage, c)
+    for name, rec in c.verified.items():
+        record_shard(out, name, rec)
+    for f in (MANIFEST, INDEX, "config.json", *sorted(damaged)):
+        out.delete(f)
+    c.complete = False
+    c.records = dict(c.verified)
 
 
 def record_shard(out: Location, name: str, record: dict) -> None:
@@ -115,8 +176,8 @@ def model_card(stage: StagePlan, out_name: str, pipeline_text: str) -> str:
     front = yaml.safe_dump({"base_model": hub, "library_name": "transformers", "tags": ["mergekit", "merge", "nyxray"]}, sort_keys=True)
     method = METHODS[stage.recipe.merge_method]
     link = f"[{method.pretty}]({method.reference})" if method.reference else method.pretty
-    # as mergekit's card: the base is named for methods that use one, never for SLERP
-    base = f" using {stage.recipe.base_model} as a base" if stage.recipe.base_model and method.base != "ignored" and method.name != "slerp" else ""
+    # as mergekit's card: the base is named for every method but SLERP
+    base = f" using {stage.recipe.base_model} as a base" if stage.recipe.base_model and method.name != "slerp" else ""
     seed = f"\n\nIts random draws were seeded with random_seed {stage.random_seed} (reproducible with nyxray)." if method.random else ""
     lines = [
         f"---\n{front}---\n# {out_name}\n",
@@ -181,12 +242,11 @@ def verify(out: Location) -> list[str]:
         names.add(name)
         url = out.url(name)
         try:
-            size = out.size(name)
-            if size != rec["size"]:
-                problems.append(f"{name}: size {size} != {rec['size']} in the manifest")
+            problem = _shard_problem(out, rec)
+            if problem:
+                problems.append(problem)
                 continue
-            if out.sha256(name, size) != rec["sha256"]:
-                problems.append(f"{name}: sha256 does not match the manifest (corrupted)")
+            size = rec["size"]
             n = header_length(out.read_range(name, 0, min(8, size)), url, size)
             tensors, _ = parse_header(out.read_range(name, 8, 8 + n), url, size)
         except NyxrayError as e:

@@ -371,7 +371,20 @@ def _resolve_all(st: _Stage, w: _Want, have: list[_Input], base: int | None) -> 
             shown.append((f"{p.name}[{src.model}]", value, where))
         per_input[p.name] = values
     _check_weight_sum(st, shared, per_input, shown, w.out)
+    _check_input_rule(st, per_input, have, base, w.out)
     return shared, per_input, shown
+
+
+def _check_input_rule(st: _Stage, per_input: dict[str, list[Any]], have: list[_Input], base: int | None, out: str) -> None:
+    """The method's rule across one input's values (DELLA's density +/- epsilon window)."""
+    rule = st.method.input_rule
+    if rule is None:
+        return
+    others = [src for i, (src, _, _) in enumerate(have) if i != base]
+    for j, src in enumerate(others):
+        problem = rule({k: v[j] for k, v in per_input.items()})
+        if problem:
+            raise RecipeError(f"{src.path}.parameters", f"{problem} (for {out} of {src.model!r})", st.recipe.origin)
 
 
 def _one(st: _Stage, p: Param, levels: list, tensor_name: str, pos: float, where: str, what: str) -> tuple[Any, str]:

@@ -72,6 +72,8 @@ def _errors(m: dict[str, str]) -> dict[str, tuple[str, str, type, list[str]]]:
                                                 RecipeError, ["parameters.weight[0]", "sum to 0", "normalize: false"]),
         "a required per-model parameter missing": (ties(m).replace("    parameters: {weight: 0.2}\n", ""), RecipeError,
                                                    ["models[2].parameters.weight", "missing required parameter weight"]),
+        "della's density +/- epsilon outside (0, 1)": (ties(m, "della", density="0.1"), RecipeError,
+                                                       ["models[0].parameters", "density=0.1 with epsilon=0.15", "inside (0, 1)"]),
         "a boolean given a number": (ties(m, extra="parameters: {normalize: 0.5}\n"), RecipeError, ["parameters.normalize", "must be bool"]),
         "models whose tensor shapes differ": (f"merge_method: linear\nmodels:\n  - model: {m['ft1']}\n    parameters: {{weight: 1}}\n"
                                               f"  - model: {m['wide']}\n    parameters: {{weight: 1}}\n", ModelError,
@@ -82,6 +84,7 @@ def _errors(m: dict[str, str]) -> dict[str, tuple[str, str, type, list[str]]]:
 @pytest.mark.parametrize("case", ["a parameter the method does not take", "dare_ties without a base_model", "nearswap with two other models",
                                   "arcee_fusion with the base alone", "density above 1", "density 0 from a gradient",
                                   "weights summing to 0 with normalize", "a required per-model parameter missing", "a boolean given a number",
+                                  "della's density +/- epsilon outside (0, 1)",
                                   "models whose tensor shapes differ"])
 def test_bad_method_recipes_fail_at_plan_time_naming_the_key(case, models, tmp_path):
     text, kind, needles = _errors(models)[case]

@@ -9,7 +9,7 @@ on whatever device the tensors are on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # torch is imported by the math only: planning a merge never loads it
     import torch
@@ -121,6 +121,9 @@ class Method:
     random: bool = False  # draws random numbers: reproducible in nyxray, not bit-equal to mergekit
     float32_result: bool = False  # returns float32 for 16-bit inputs (a float32 factor), as mergekit does
     note: str = ""  # said in the support table's exactness column
+    # A rule across one non-base input's per-input values (name -> value) that single ranges cannot
+    # say; returns the problem, or None. Checked at plan time for every tensor and input.
+    input_rule: Callable[[dict[str, Any]], str | None] | None = None
     options: tuple[tuple[str, object], ...] = ()  # keyword switches of a family's shared function
     reference: str = ""
 

@@ -18,6 +18,14 @@ from .base import Method, Param
 _DENSITY = dict(low=0.0, high=1.0, low_open=True)
 
 
+def _della_window(values: dict) -> str | None:
+    """DELLA keeps entries with probabilities density +/- epsilon: both ends must be in (0, 1)."""
+    density, epsilon = values["density"], values["epsilon"]
+    if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+        return f"density={density:g} with epsilon={epsilon:g}: density +/- epsilon must lie inside (0, 1)"
+    return None
+
+
 def _gta(name: str, pretty: str, consensus: str | None, sparsify: str | None, normalize: bool, rescale: bool, ref: str) -> Method:
     """One of the generalized task arithmetic family: one function, two switches."""
     params = [
@@ -33,7 +41,8 @@ def _gta(name: str, pretty: str, consensus: str | None, sparsify: str | None, no
     if sparsify == "della_magprune":
         params.append(Param("epsilon", float, 0.15, "non_base", low=0.0, doc="spread of keep probabilities around density"))
     return Method(name, pretty, tuple(params), "task_arithmetic:merge", base="required", random=sparsify in ("random", "della_magprune"),
-                  options=(("consensus", consensus), ("sparsify", sparsify)), reference=ref)
+                  options=(("consensus", consensus), ("sparsify", sparsify)), reference=ref,
+                  input_rule=_della_window if sparsify == "della_magprune" else None)
 
 
 _ALL = (
