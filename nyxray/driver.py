@@ -19,6 +19,7 @@ from .errors import NyxrayError
 from .execute.choice import EXECUTORS, choose
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
+from .lease import hold
 from .plan import StagePlan
 from .recipe import Recipe
 from .storage import Location
@@ -63,8 +64,10 @@ def make_units(targets: list[Target], overwrite: bool, share_reads: bool) -> lis
         tg.claim = inspect(tg.loc, tg.stage, overwrite)
     for tg in targets:
         claim(tg.loc, tg.stage, tg.claim, overwrite)
-        # A complete output is still checked shard by shard: a damaged one is rewritten.
-        units += [Unit(tg.loc, f"{tg.loc.display}/", sh, tg.claim.records.get(sh.name)) for sh in tg.stage.shards]
+        # Shards claim checked byte for byte (a complete output's) need no unit; a damaged one is rewritten.
+        verified = tg.claim.verified
+        tg.results = [UnitResult(n, r["size"], r["sha256"], list(r["tensors"]), 0, 0, 0.0, reused=True) for n, r in verified.items()]
+        units += [Unit(tg.loc, f"{tg.loc.display}/", sh, tg.claim.records.get(sh.name)) for sh in tg.stage.shards if sh.name not in verified]
     if not share_reads:
         return units
     groups: dict[tuple, Unit] = {}
@@ -90,37 +93,39 @@ def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor
     chosen = choose(executor, address, keep_actors)
     executor = chosen.name
     check_device(device, executor, address, actor_gpus)  # before any output is claimed
-    units = make_units(targets, overwrite, share_reads)
-    by_loc = {tg.loc.display: tg for tg in targets}
+    with hold([tg.loc for tg in targets]) as leases:  # one writer per output, from claim to commit
+        units = make_units(targets, overwrite, share_reads)
+        by_loc = {tg.loc.display: tg for tg in targets}
 
-    def on_result(unit: Unit, result: UnitResult) -> None:
-        for u, r in zip([unit, *unit.siblings], [result, *result.siblings]):
-            tg = by_loc[u.out.display]
-            tg.results.append(r)
-            if not r.reused:
-                record_shard(u.out, u.shard.name, _record(r))
+        def on_result(unit: Unit, result: UnitResult) -> None:
+            for u, r in zip([unit, *unit.siblings], [result, *result.siblings]):
+                tg = by_loc[u.out.display]
+                tg.results.append(r)
+                if not r.reused:
+                    record_shard(u.out, u.shard.name, _record(r))
 
-    pending = [u for u in units if u.expected is None]
-    bar = Progress(len(units), sum(u.read_bytes for u in pending), sum(u.write_bytes for u in units), enabled=progress)
-    if not units:
-        workers: list[dict] = []
-    elif executor == "local":
-        from .execute.local import execute as run_local
+        pending = [u for u in units if u.expected is None]
+        bar = Progress(len(units), sum(u.read_bytes for u in pending), sum(u.write_bytes for u in units), enabled=progress)
+        if not units:
+            workers: list[dict] = []
+        elif executor == "local":
+            from .execute.local import execute as run_local
 
-        workers = run_local(units, device, bar, on_result, workers=actors)
-    else:
-        from .execute.ray_exec import execute as run_ray
+            workers = run_local(units, device, bar, on_result, workers=actors)
+        else:
+            from .execute.ray_exec import execute as run_ray
 
-        workers = run_ray(units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus,
-                           keep_actors=keep_actors)
-    bar.render(final=True)
-    ran = time.monotonic()
-    began = bar.began or ran
-    for tg in targets:
-        assert tg.claim is not None
-        if not tg.claim.complete or any(not r.reused for r in tg.results):
-            records = {r.path: _record(r) for r in tg.results}
-            finalize(tg.loc, tg.stage, records, tg.text, copy_tokenizer, write_model_card)
+            workers = run_ray(units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus,
+                               keep_actors=keep_actors)
+        bar.render(final=True)
+        ran = time.monotonic()
+        began = bar.began or ran
+        leases.check()  # a run that lost an output's lease must not commit there
+        for tg in targets:
+            assert tg.claim is not None
+            if not tg.claim.complete or any(not r.reused for r in tg.results):
+                records = {r.path: _record(r) for r in tg.results}
+                finalize(tg.loc, tg.stage, records, tg.text, copy_tokenizer, write_model_card)
     timings = {"start": began - started, "run": ran - began, "commit": time.monotonic() - ran}
     return workers, {k: round(v, 3) for k, v in timings.items()}, chosen.report()
 
