@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .errors import StorageError
-from .storage import with_retries
+from .retry import with_retries
 
 MIN_PART = 5 * 2**20  # S3 refuses smaller parts (except the last)
 CONCURRENCY = 4  # parts in flight per upload

@@ -7,87 +7,25 @@ Every byte nyxray moves goes through :class:`Location`: local paths, ``file://``
 
 Errors are turned into :class:`StorageError` messages that name the URL and never carry
 credentials. Transient failures (connection resets, throttling, 5xx) are retried with capped
-exponential backoff and jitter.
+exponential backoff and jitter (:mod:`nyxray.retry`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import random
-import re
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Iterable
 
 import fsspec
 
 from .errors import StorageError
+from .retry import describe, redact, with_retries
 
-T = TypeVar("T")
-
-SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|session)", re.I)
 COALESCE_CAP = 64 * 2**20  # bytes: one ranged request never asks for more
 DEFAULT_PART = 16 * 2**20  # multipart upload part size
-RETRIES = 3  # on top of the backend's own (botocore and s3fs each retry too): keep the product small
-
-
-def redact(text: str, options: dict[str, Any] | None = None) -> str:
-    """Remove credentials from a message: URL user-info and any secret option value."""
-    text = re.sub(r"(\w+://)[^/@\s]*@", r"\1***@", text)
-    for value in _secret_values(options or {}):
-        text = text.replace(value, "***")
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "AWS_ACCESS_KEY_ID"):
-        value = os.environ.get(var)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
-
-
-def _secret_values(options: dict[str, Any]) -> Iterable[str]:
-    for k, v in options.items():
-        if isinstance(v, dict):
-            yield from _secret_values(v)
-        elif isinstance(v, str) and len(v) >= 4 and SECRET_KEYS.search(str(k)) and not k.endswith("url"):
-            yield v
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError)):
-        return False
-    text = f"{type(exc).__name__} {exc}"
-    if re.search(r"AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket|NoSuchKey|Forbidden|\b40[0134]\b", text):
-        return False
-    if isinstance(exc, ConnectionRefusedError) or "Could not connect to the endpoint" in text:
-        return False  # nothing listens there; the backend already retried
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) or bool(
-        re.search(r"SlowDown|ServiceUnavailable|InternalError|RequestTimeout|Throttl|5\d\d|Connection|reset|timed out|ClientPayloadError|ServerDisconnected", text)
-    )
-
-
-def with_retries(fn: Callable[[], T], what: str, options: dict[str, Any] | None = None, retries: int = RETRIES) -> T:
-    """Run ``fn``; retry transient errors with backoff; turn failures into StorageError."""
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except StorageError:
-            raise
-        except Exception as e:  # noqa: BLE001 - every backend raises its own types
-            if _is_transient(e) and attempt < retries:
-                time.sleep(min(4.0, 0.1 * 2**attempt) * (0.5 + random.random()))
-                continue
-            raise StorageError(redact(f"{what}: {_describe(e)}", options)) from None
-    raise AssertionError("unreachable")
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, FileNotFoundError):
-        return "not found"
-    if isinstance(e, PermissionError):
-        return f"access denied ({e})"
-    return f"{type(e).__name__}: {e}"
 
 
 @dataclass
@@ -288,7 +226,7 @@ class AtomicWriter:
         try:
             self.f.write(data)
         except OSError as e:
-            raise StorageError(redact(f"{self.loc.url(self.name)}: write failed: {_describe(e)}", self.loc.options)) from None
+            raise StorageError(redact(f"{self.loc.url(self.name)}: write failed: {describe(e)}", self.loc.options)) from None
         self.written += len(data)
 
     def commit(self) -> None:
@@ -309,7 +247,7 @@ class AtomicWriter:
                 raise
             except Exception as e:  # noqa: BLE001
                 self.discard()
-                raise StorageError(redact(f"{url}: upload failed: {_describe(e)}", self.loc.options)) from None
+                raise StorageError(redact(f"{url}: upload failed: {describe(e)}", self.loc.options)) from None
             if not self.direct:
                 with_retries(lambda: self.loc.fs.mv(self.tmp, self.final), url, self.loc.options)
         self.done = True
