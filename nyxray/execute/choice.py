@@ -30,7 +30,7 @@ class Choice:
 def choose(executor: str, address: str | None = None, keep_actors: float = 0.0) -> Choice:
     """Resolve ``executor`` (one of :data:`EXECUTORS`, validated by the caller)."""
     if executor != "auto":
-        return Choice(executor, f"asked for (executor={executor})")
+        return Choice(executor, f"executor={executor} was asked for")
     if address:
         return Choice("ray", f"a Ray cluster was named (address={address})")
     if os.environ.get("RAY_ADDRESS"):
@@ -42,4 +42,4 @@ def choose(executor: str, address: str | None = None, keep_actors: float = 0.0) 
         return Choice("ray", "Ray is already initialised in this process")
     if keep_actors > 0:
         return Choice("ray", f"keep_actors={keep_actors:g} asks for Ray actors to keep")
-    return Choice("local", "no Ray cluster named (address, RAY_ADDRESS, a Ray job): in this process, no Ray start-up")
+    return Choice("local", "no Ray cluster named by address, RAY_ADDRESS or a Ray job: in this process, no Ray start-up")
