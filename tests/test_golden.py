@@ -8,6 +8,7 @@ file (header and data), the file names, the index's weight_map order and total_s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -97,12 +98,15 @@ def test_random_methods_match_mergekit_statistically(case, golden_inputs, local_
     ours = sumsq_distance(load_model_tensors(out), load_model_tensors(dense))
     theirs = GOLDEN[case.name]["dense_sumsq"]
     assert sorted(ours) == sorted(theirs)
-    total = sum(ours.values()) / sum(theirs.values())
-    assert 0.97 < total < 1.03, f"{case.name}: distance from the dense merge is {total:.3f}x mergekit's"
+    # Small tensors (128-element norms) carry a few hundred draws: too few for a tight comparison.
     sizes = {k: v.numel() for k, v in load_model_tensors(dense).items()}
-    for name, value in ours.items():
-        if sizes[name] >= 1 << 15 and theirs[name] > 0:
-            assert 0.85 < value / theirs[name] < 1.15, f"{case.name}: {name}: {value / theirs[name]:.3f}x mergekit's distance"
+    big = [k for k in ours if sizes[k] >= 1 << 15 and theirs[k] > 0]
+    total = sum(ours[k] for k in big) / sum(theirs[k] for k in big)
+    assert 0.97 < total < 1.03, f"{case.name}: distance from the dense merge is {total:.3f}x mergekit's"
+    for name in big:
+        assert 0.85 < ours[name] / theirs[name] < 1.15, f"{case.name}: {name}: {ours[name] / theirs[name]:.3f}x mergekit's distance"
+    ratios = sorted(ours[k] / theirs[k] for k in ours if theirs[k] > 0)
+    assert 0.9 < ratios[len(ratios) // 2] < 1.1, f"{case.name}: median ratio over all tensors {ratios[len(ratios) // 2]:.3f}"
 
 
 @pytest.mark.parametrize("name", ["nyxene_slerp", "passthrough_repeat", "slerp_two_slices", "ties", "model_stock"])
@@ -117,7 +121,8 @@ def test_fused_pipeline_with_a_ties_stage_matches_mergekit_run_stage_by_stage(go
     fused into one pass, it writes what mergekit wrote running the two recipes one after another."""
     _, models = golden_inputs
     stage = "name: ties_stage\n" + G.render_recipe(G.CASES_BY_NAME["ties"], models, {})
-    final = G.render_recipe(G.CASES_BY_NAME["ties_stage_slerp"], models, {"ties": "ties_stage"})
+    second = G.CASES_BY_NAME["ties_stage_slerp"]
+    final = G.render_recipe(dataclasses.replace(second, recipe=second.recipe.replace("<<case:ties>>", "ties_stage")), models, {})
     out = str(tmp_path / "fused")
     report = nyxray.merge(f"{stage}---\n{final}", out, executor="local", progress=False, write_model_card=False)
     assert report["stages"] == ["ties_stage", "<final>"]

@@ -104,6 +104,7 @@ def test_dare_bytes_do_not_depend_on_shard_size_worker_or_order(models, tmp_path
     a = nyxray.merge(text, str(tmp_path / "a"), executor="local", progress=False)
     nyxray.merge(text, str(tmp_path / "b"), executor="local", progress=False, out_shard_size="300K", actors=2)
     assert a["random_seed"] == 0 and a["shards"] == 1
+    assert a["bytes_read_tensors"] == a["bytes_read_min"]  # each input byte once: 4 models, nothing more
     assert tensors(str(tmp_path / "a")) == tensors(str(tmp_path / "b"))
     card = open(tmp_path / "a" / "README.md").read()
     assert "random_seed 0" in card and "DARE TIES" in card
