@@ -25,6 +25,7 @@ import yaml
 
 from .driver import Target, balance, check_execution, pipeline_text, run_targets, target_report, write_report
 from .errors import NyxrayError, RecipeError, did_you_mean
+from .methods.registry import METHODS
 from .models import Model, Resolver
 from .plan import Plan, parse_size
 from .plan import plan as make_plan
@@ -57,8 +58,8 @@ def _walk(doc: Any, path: str) -> tuple[Any, str | int]:
         if key is not None and isinstance(node, dict) and key not in node:
             if key == "parameters" and not last:
                 node[key] = {}
-            elif last and done.rsplit(".", 1)[-1] == "parameters":
-                return node, key  # the recipe parser checks the name against the method
+            elif last and done.rsplit(".", 1)[-1] == "parameters" and key in _method_parameters(doc):
+                return node, key
         if key is not None:
             if not isinstance(node, dict) or key not in node:
                 have = tuple(str(k) for k in node) if isinstance(node, dict) else ()
@@ -77,6 +78,12 @@ def _walk(doc: Any, path: str) -> tuple[Any, str | int]:
             return node, step
         node = node[step]
     raise AssertionError("unreachable")
+
+
+def _method_parameters(doc: Any) -> set[str]:
+    """The parameter names the recipe's merge method takes (none if the method is unknown)."""
+    method = METHODS.get(doc.get("merge_method")) if isinstance(doc.get("merge_method"), str) else None
+    return {p.name for p in method.params} if method else set()
 
 
 def _short(path: str) -> str:
