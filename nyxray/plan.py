@@ -315,6 +315,8 @@ def _same_shape(st: _Stage, w: _Want, have: list[_Input]) -> list[Expr]:
         st.warnings.append(f"UNSAFE vocabulary truncation of {w.out} to {rows} rows ({listed})")
         return [_truncate_rows(e, rows) for e in exprs]
     hint = " (vocabulary sizes differ: --unsafe-truncate-embeddings keeps the common rows)" if embeds else ""
+    if embeds and st.recipe.tokenizer_source:
+        hint += f"; tokenizer_source: {st.recipe.tokenizer_source} needs models that share one vocabulary (nyxray builds no merged vocabulary)"
     raise ModelError(f"{st.recipe.origin}: tensor size mismatch for {w.out}: {listed}{hint}")
 
 
