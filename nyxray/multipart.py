@@ -9,6 +9,10 @@ at once. The object appears only when :meth:`MultipartUpload.close` completes th
 order); :meth:`MultipartUpload.discard` aborts it. A failed or killed writer never leaves a partial
 object under the final name (a killed one leaves a pending upload, which
 ``Location.remove_partial_writes`` aborts).
+
+The three phases are separate so that a shard split into parts (:mod:`nyxray.parts`) is one
+upload: :func:`begin` on the driver, :class:`PartUploader` (``put part``, no other side effect) on
+any worker, :func:`complete` or :func:`abort` on the driver.
 """
 
 from __future__ import annotations
@@ -28,18 +32,25 @@ PROCESS_INFLIGHT = 8  # parts in flight in this process, all uploads together (a
 _SLOTS = threading.BoundedSemaphore(PROCESS_INFLIGHT)
 
 
-class MultipartUpload:
-    """One object written through S3's multipart API (``fs``: an s3fs filesystem)."""
+class PartUploader:
+    """Uploads one run of bytes as consecutive parts (numbers from ``first_number``) of an upload.
 
-    def __init__(self, fs: Any, path: str, part_size: int, url: str, options: dict[str, Any], concurrency: int = CONCURRENCY):
+    It never creates, completes or aborts the upload: with ``upload_id`` given it is the ``put
+    part`` phase of an upload the driver began and will complete (a sub-shard part on a worker:
+    :mod:`nyxray.parts`); :class:`MultipartUpload` adds the other two phases for a whole object.
+    Every part but the last of the run is ``part_size`` bytes.
+    """
+
+    def __init__(self, fs: Any, path: str, part_size: int, url: str, options: dict[str, Any], concurrency: int = CONCURRENCY,
+                 upload_id: str | None = None, first_number: int = 1):
         self.fs, self.path, self.url, self.options = fs, path, url, options
         self.bucket, self.key, _ = fs.split_path(path)
         self.part_size = max(part_size, MIN_PART)
         self.part = bytearray(self.part_size)
         self.filled = 0
         self.size = 0
-        self.upload_id: str | None = None
-        self.parts = 0
+        self.upload_id = upload_id
+        self.parts = first_number - 1  # the last part number used
         self.etags: dict[int, str] = {}
         self.inflight: deque[Future] = deque()
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="nyxray-upload")
@@ -61,9 +72,13 @@ class MultipartUpload:
                 self._send(self.part)  # the pool owns this buffer now; the next part gets a new one
                 self.part, self.filled = bytearray(self.part_size), 0
 
+    def _begin(self) -> None:
+        """Create the upload before its first part (only a whole object's writer may)."""
+        raise AssertionError(f"{self.url}: a part uploader needs the upload id of an upload begun by the driver")
+
     def _send(self, body: bytearray) -> None:
         if self.upload_id is None:
-            self.upload_id = self._call("create_multipart_upload")["UploadId"]
+            self._begin()
         while len(self.inflight) >= self.concurrency or (self.inflight and self.inflight[0].done()):
             self.inflight.popleft().result()  # back-pressure; raises the part's error
         _SLOTS.acquire()
@@ -80,47 +95,91 @@ class MultipartUpload:
         out = self._call("upload_part", UploadId=self.upload_id, PartNumber=number, Body=body)
         self.etags[number] = out["ETag"]
 
-    def close(self) -> None:
-        """Upload what is left and complete the upload: the object appears whole, now. (A file
-        object's ``close``, so that callers treat it like s3fs's.)"""
+    def flush(self) -> dict[int, str]:
+        """Send what is left and wait for every part: returns part number -> ETag."""
         try:
-            if self.upload_id is None:  # a small object: one PUT
-                self._call("put_object", Body=bytes(self.part[: self.filled]))
-            else:
-                if self.filled:
-                    self._send(self.part[: self.filled])
-                while self.inflight:
-                    self.inflight.popleft().result()
-                parts = [{"PartNumber": n, "ETag": self.etags[n]} for n in sorted(self.etags)]
-                try:
-                    self._call("complete_multipart_upload", UploadId=self.upload_id, MultipartUpload={"Parts": parts})
-                except StorageError:
-                    # A retry after a lost answer is told NoSuchUpload (the first attempt did
-                    # complete it): success if the object there is this very upload.
-                    if not self._landed(parts):
-                        raise
+            if self.filled:
+                self._send(self.part[: self.filled])
+                self.filled = 0
+            while self.inflight:
+                self.inflight.popleft().result()
         finally:
             self.pool.shutdown(wait=True)
-        self.closed = True
-        self.fs.invalidate_cache(self.path)
+        return dict(self.etags)
 
-    def _landed(self, parts: list[dict]) -> bool:
-        """Whether the object at the key is this upload: S3's multipart ETag is the MD5 of the
-        parts' MD5s, "-", the part count; no other write produces it."""
-        digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
-        expected = f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
-        self.fs.invalidate_cache(self.path)
-        try:
-            info = self.fs.info(self.path)
-        except Exception:  # noqa: BLE001 - not there (or unreadable): it did not land
-            return False
-        return str(info.get("ETag", "")).strip('"') == expected and int(info.get("size", -1)) == self.size
-
-    def discard(self) -> None:
-        """Abort: no object appears; parts already sent are dropped by the store."""
+    def cancel(self) -> None:
+        """Stop sending (parts already sent stay in the upload until its owner aborts it)."""
         for f in self.inflight:
             f.cancel()
         self.pool.shutdown(wait=True)
         self.closed = True
+
+
+class MultipartUpload(PartUploader):
+    """One object written through S3's multipart API (``fs``: an s3fs filesystem), all three phases."""
+
+    def __init__(self, fs: Any, path: str, part_size: int, url: str, options: dict[str, Any], concurrency: int = CONCURRENCY):
+        super().__init__(fs, path, part_size, url, options, concurrency)
+
+    def _begin(self) -> None:
+        self.upload_id = begin(self.fs, self.path, self.url, self.options)
+
+    def close(self) -> None:
+        """Upload what is left and complete the upload: the object appears whole, now. (A file
+        object's ``close``, so that callers treat it like s3fs's.)"""
+        if self.upload_id is None:  # a small object: one PUT
+            try:
+                self._call("put_object", Body=bytes(self.part[: self.filled]))
+            finally:
+                self.pool.shutdown(wait=True)
+        else:
+            etags = self.flush()
+            complete(self.fs, self.path, self.upload_id, etags, self.size, self.url, self.options)
+        self.closed = True
+
+    def discard(self) -> None:
+        """Abort: no object appears; parts already sent are dropped by the store."""
+        self.cancel()
         if self.upload_id is not None:
-            self._call("abort_multipart_upload", UploadId=self.upload_id)
+            abort(self.fs, self.path, self.upload_id, self.url, self.options)
+
+
+def _call(fs: Any, path: str, url: str, options: dict[str, Any], method: str, **kwargs: Any) -> dict:
+    bucket, key, _ = fs.split_path(path)
+    return with_retries(lambda: fs.call_s3(method, Bucket=bucket, Key=key, **kwargs), url, options)
+
+
+def begin(fs: Any, path: str, url: str, options: dict[str, Any]) -> str:
+    """Create a multipart upload for ``path``; returns its upload id."""
+    return _call(fs, path, url, options, "create_multipart_upload")["UploadId"]
+
+
+def complete(fs: Any, path: str, upload_id: str, etags: dict[int, str], size: int, url: str, options: dict[str, Any]) -> None:
+    """Complete the upload from its parts (number -> ETag): the object appears whole, now."""
+    parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+    try:
+        _call(fs, path, url, options, "complete_multipart_upload", UploadId=upload_id, MultipartUpload={"Parts": parts})
+    except StorageError:
+        # A retry after a lost answer is told NoSuchUpload (the first attempt did complete it):
+        # success if the object there is this very upload.
+        if not _landed(fs, path, parts, size):
+            raise
+    fs.invalidate_cache(path)
+
+
+def abort(fs: Any, path: str, upload_id: str, url: str, options: dict[str, Any]) -> None:
+    """Abort the upload: no object appears; its parts are dropped by the store."""
+    _call(fs, path, url, options, "abort_multipart_upload", UploadId=upload_id)
+
+
+def _landed(fs: Any, path: str, parts: list[dict], size: int) -> bool:
+    """Whether the object at the key is this upload: S3's multipart ETag is the MD5 of the
+    parts' MD5s, "-", the part count; no other write produces it."""
+    digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
+    expected = f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path)
+    except Exception:  # noqa: BLE001 - not there (or unreadable): it did not land
+        return False
+    return str(info.get("ETag", "")).strip('"') == expected and int(info.get("size", -1)) == size
