@@ -74,6 +74,7 @@ def merge(
     actor_cpus: float = 1.0,
     actor_gpus: float | None = None,
     keep_actors: float = 0.0,
+    unit_size: int | str | None = None,
     progress: bool = True,
     report: str | None = None,
     random_seed: int | None = None,
@@ -90,6 +91,8 @@ def merge(
     ``keep_actors`` (seconds, Ray only) keeps the Ray actors
     alive that long after the merge, for the next merge of this process to reuse (no process start,
     no torch import); they hold their CPUs/GPUs meanwhile (:func:`release_actors` stops them).
+    ``unit_size`` (bytes, or ``"256M"``; default 256 MiB) caps the output of one work unit: a larger
+    shard is computed as parts by several workers and assembled into the one file (locally and on S3).
     Re-running the same recipe into the same ``out``
     resumes: shards already written and intact are kept. The report has ``wall_s``,
     ``timings_s`` (plan, start, run, commit), ``throughput_mb_s`` (bytes read and written per
@@ -97,7 +100,7 @@ def merge(
     ``bytes_read``, ``bytes_read_min``, ``bytes_written``, ``tensors``, ``shards``, ``actors``...
     """
     started = time.monotonic()
-    check_execution(device, executor, actors, keep_actors)
+    check_execution(device, executor, actors, keep_actors, unit_size)
     recipes = load_pipeline(recipe)
     p = plan(recipes, out_shard_size=out_shard_size, models=models, models_root=models_root, storage_options=storage_options, random_seed=random_seed,
              allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings)
@@ -108,7 +111,7 @@ def merge(
         targets = [Target(root.child(st.name), st, st.recipe.text) for st in p.stages[:-1]] + targets
     workers, timings, ran_on = run_targets(targets, device=device, overwrite=overwrite, executor=executor, progress=progress,
                           copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, address=address,
-                          actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus, keep_actors=keep_actors)
+                          actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus, keep_actors=keep_actors, unit_size=unit_size)
     parts = [target_report(tg) for tg in targets]
     wall = time.monotonic() - started
     moved = sum(x["bytes_read_tensors"] + x["bytes_written"] for x in parts)

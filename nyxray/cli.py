@@ -48,6 +48,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--actors", type=int, help="number of Ray actors or local worker threads (default: one per GPU, else one per --actor-cpus CPUs, or per core locally)")
     r.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs each Ray actor reserves (its math runs on one torch thread; reads, writes and hashing use the rest); default 1")
     r.add_argument("--actor-gpus", type=float, help="GPUs per actor (default 1 when the cluster has GPUs)")
+    r.add_argument("--unit-size", metavar="SIZE", help="most output bytes one work unit writes, K/M/B suffixes (decimal); a larger shard is split into parts computed by several workers; default 256 MiB")
     cli_compat.add_arguments(p)
 
 
@@ -65,7 +66,7 @@ def _common(args: argparse.Namespace) -> dict:
 def _execution(args: argparse.Namespace) -> dict:
     return dict(
         device=args.device, copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card, overwrite=args.overwrite,
-        executor=args.executor, address=args.address, actors=args.actors, actor_cpus=args.actor_cpus, actor_gpus=args.actor_gpus,
+        executor=args.executor, address=args.address, actors=args.actors, actor_cpus=args.actor_cpus, actor_gpus=args.actor_gpus, unit_size=args.unit_size,
         progress=not args.quiet, report=args.report, random_seed=args.random_seed,
     )
 

@@ -28,6 +28,7 @@ from . import __version__
 from .errors import NyxrayError, OutputError, StorageError
 from .graph import signature
 from .methods.registry import METHODS
+from .parts import digest_mismatch
 from .lease import LEASE
 from .plan import StagePlan
 from .storage import Location
@@ -145,7 +146,7 @@ def _shard_problem(out: Location, rec: dict) -> str | None:
     size = out.size(name)
     if size != rec["size"]:
         return f"{name}: size {size} != {rec['size']} in the manifest"
-    if out.sha256(name, size) != rec["sha256"]:
+    if digest_mismatch(out, name, rec):  # one sha256 for the file, or one per part (nyxray.parts)
         return f"{name}: sha256 does not match the manifest (corrupted)"
     return None
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .assemble import Assemblies
 from .commit import Claim, claim, finalize, inspect, record_shard
 from .devices import check_device
 from .errors import NyxrayError
@@ -20,6 +21,7 @@ from .execute.choice import EXECUTORS, choose
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
 from .lease import hold
+from .parts import parse_unit_size
 from .plan import StagePlan
 from .recipe import Recipe
 from .storage import Location
@@ -39,8 +41,9 @@ class Target:
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def check_execution(device: str, executor: str, actors: int | None, keep_actors: float = 0.0) -> None:
+def check_execution(device: str, executor: str, actors: int | None, keep_actors: float = 0.0, unit_size: int | str | None = None) -> None:
     """Validate the execution arguments of a merge or sweep before any model is opened."""
+    parse_unit_size(unit_size)
     if device not in DEVICES and not str(device).startswith("cuda:"):
         raise NyxrayError(f"device {device!r}: expected one of {', '.join(DEVICES)} or cuda:N")
     if executor not in EXECUTORS:
@@ -66,7 +69,7 @@ def make_units(targets: list[Target], overwrite: bool, share_reads: bool) -> lis
         claim(tg.loc, tg.stage, tg.claim, overwrite)
         # Shards claim checked byte for byte (a complete output's) need no unit; a damaged one is rewritten.
         verified = tg.claim.verified
-        tg.results = [UnitResult(n, r["size"], r["sha256"], list(r["tensors"]), 0, 0, 0.0, reused=True) for n, r in verified.items()]
+        tg.results = [UnitResult.from_record(n, r) for n, r in verified.items()]
         units += [Unit(tg.loc, f"{tg.loc.display}/", sh, tg.claim.records.get(sh.name)) for sh in tg.stage.shards if sh.name not in verified]
     if not share_reads:
         return units
@@ -80,7 +83,7 @@ def make_units(targets: list[Target], overwrite: bool, share_reads: bool) -> lis
 
 def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor: str, progress: bool, copy_tokenizer: bool,
                 write_model_card: bool, share_reads: bool = False, address: str | None = None, actors: int | None = None,
-                actor_cpus: float = 1.0, actor_gpus: float | None = None, keep_actors: float = 0.0
+                actor_cpus: float = 1.0, actor_gpus: float | None = None, keep_actors: float = 0.0, unit_size: int | str | None = None
                 ) -> tuple[list[dict], dict[str, float], dict[str, str]]:
     """Run and commit every target; returns the per-worker summaries, the phase timings and the
     executor that ran (``name`` and ``why``: ``auto`` picks Ray only when a cluster is named).
@@ -88,7 +91,9 @@ def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor
     Timings, in seconds: ``start`` (claiming outputs, connecting, starting workers: until the first
     unit is handed out), ``run`` (until the last unit is done), ``commit`` (index, config, manifest).
     ``actors`` is the number of workers (Ray actors, or threads of this process for ``local``).
+    A shard larger than ``unit_size`` is computed as parts by several workers (:mod:`.assemble`).
     """
+    unit_bytes = parse_unit_size(unit_size)
     started = time.monotonic()
     chosen = choose(executor, address, keep_actors)
     executor = chosen.name
@@ -96,27 +101,36 @@ def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor
     with hold([tg.loc for tg in targets]) as leases:  # one writer per output, from claim to commit
         units = make_units(targets, overwrite, share_reads)
         by_loc = {tg.loc.display: tg for tg in targets}
+        assemblies = Assemblies()
 
         def on_result(unit: Unit, result: UnitResult) -> None:
             for u, r in zip([unit, *unit.siblings], [result, *result.siblings]):
+                shard = assemblies.take(u, r) if u.part else r  # a part: the shard's result once its last part is in
+                if shard is None:
+                    continue
                 tg = by_loc[u.out.display]
-                tg.results.append(r)
-                if not r.reused:
-                    record_shard(u.out, u.shard.name, _record(r))
+                tg.results.append(shard)
+                if not shard.reused:
+                    record_shard(u.out, u.shard.name, shard.record())
 
-        pending = [u for u in units if u.expected is None]
-        bar = Progress(len(units), sum(u.read_bytes for u in pending), sum(u.write_bytes for u in units), enabled=progress)
-        if not units:
-            workers: list[dict] = []
-        elif executor == "local":
-            from .execute.local import execute as run_local
+        try:
+            units = assemblies.split(units, unit_bytes, {tg.loc.display: tg.claim.plan_id for tg in targets if tg.claim})
+            pending = [u for u in units if u.expected is None]
+            bar = Progress(len(units), sum(u.read_bytes for u in pending), sum(u.write_bytes for u in units), enabled=progress)
+            if not units:
+                workers: list[dict] = []
+            elif executor == "local":
+                from .execute.local import execute as run_local
 
-            workers = run_local(units, device, bar, on_result, workers=actors)
-        else:
-            from .execute.ray_exec import execute as run_ray
+                workers = run_local(units, device, bar, on_result, workers=actors)
+            else:
+                from .execute.ray_exec import execute as run_ray
 
-            workers = run_ray(units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus,
-                               keep_actors=keep_actors)
+                workers = run_ray(units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus,
+                                   keep_actors=keep_actors)
+        except BaseException:
+            assemblies.abort()  # S3: no pending upload left; locally the parts stay for a resume
+            raise
         bar.render(final=True)
         ran = time.monotonic()
         began = bar.began or ran
@@ -124,15 +138,10 @@ def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor
         for tg in targets:
             assert tg.claim is not None
             if not tg.claim.complete or any(not r.reused for r in tg.results):
-                records = {r.path: _record(r) for r in tg.results}
+                records = {r.path: r.record() for r in tg.results}
                 finalize(tg.loc, tg.stage, records, tg.text, copy_tokenizer, write_model_card)
     timings = {"start": began - started, "run": ran - began, "commit": time.monotonic() - ran}
     return workers, {k: round(v, 3) for k, v in timings.items()}, chosen.report()
-
-
-def _record(r: UnitResult) -> dict:
-    """What the output protocol keeps of a written shard (state records and the manifest)."""
-    return {"size": r.size, "sha256": r.sha256, "tensors": r.tensors}
 
 
 def target_report(tg: Target) -> dict[str, Any]:

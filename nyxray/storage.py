@@ -103,11 +103,11 @@ class Location:
             f.seek(start)
             return f.read(end - start)
 
-    def sha256(self, name: str, size: int, piece: int = 64 * 2**20) -> str:
-        """sha256 of the first ``size`` bytes of a file, read in pieces (bounded memory)."""
+    def sha256(self, name: str, size: int, piece: int = 64 * 2**20, start: int = 0) -> str:
+        """sha256 of bytes ``start..size-1`` of a file (default: the first ``size``), read in pieces (bounded memory)."""
         h = hashlib.sha256()
-        for start in range(0, size, piece):
-            h.update(self.read_range(name, start, min(size, start + piece)))
+        for at in range(start, size, piece):
+            h.update(self.read_range(name, at, min(size, at + piece)))
         return h.hexdigest()
 
     def listdir(self, name: str = "") -> list[str]:

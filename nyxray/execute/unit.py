@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..graph import Expr, Leaf, leaves
-from ..plan import ShardPlan
+from ..parts import PartJob, digest_mismatch
+from ..plan import PlannedTensor, ShardPlan
 from ..storage import Location, Range, read_ranges
 
 BATCH_BYTES = 64 * 2**20
@@ -34,6 +35,8 @@ class Unit:
     the file is still there with exactly those bytes it is reused instead of recomputed.
     ``siblings`` are shards of other outputs with the same tensors in the same file order (a
     sweep's members): they are computed in the same pass, so each input byte is read once for all.
+    ``part``: only one part of the shard (a run of its tensors, :mod:`nyxray.parts`) is produced,
+    and ``expected`` is then that part's record.
     """
 
     out: Location
@@ -41,24 +44,35 @@ class Unit:
     shard: ShardPlan
     expected: dict | None = None
     siblings: list["Unit"] = field(default_factory=list)
+    part: PartJob | None = None
 
     @property
     def path(self) -> str:
         return self.shard.name
 
+    def in_file_order(self) -> list[PlannedTensor]:
+        """The tensors this unit writes, in file order: the shard's, or its part's."""
+        order = self.shard.in_file_order()
+        return order[self.part.part.first : self.part.part.last] if self.part else order
+
+    @property
+    def head(self) -> bytes:
+        """The header bytes this unit writes: the shard's, in its first part only."""
+        return self.shard.header if self.part is None or self.part.part.index == 0 else b""
+
     @property
     def read_bytes(self) -> int:
-        uniq = set().union(*(u.shard.leaves for u in [self, *self.siblings]))
+        uniq = {leaf for u in [self, *self.siblings] for t in u.in_file_order() for leaf in leaves(t.expr)}
         return sum(leaf.end - leaf.start for leaf in uniq)
 
     @property
     def needs_math(self) -> bool:
         """Whether any tensor is computed (cast or SLERP) rather than copied byte for byte."""
-        return any(not isinstance(t.expr, Leaf) for u in [self, *self.siblings] for t in u.shard.tensors)
+        return any(not isinstance(t.expr, Leaf) for u in [self, *self.siblings] for t in u.in_file_order())
 
     @property
     def write_bytes(self) -> int:
-        return sum(u.shard.size for u in [self, *self.siblings])
+        return sum(u.part.part.size if u.part else u.shard.size for u in [self, *self.siblings])
 
     @property
     def size(self) -> int:
@@ -67,12 +81,18 @@ class Unit:
 
     @property
     def title(self) -> str:
-        return f"shard {self.label}{self.shard.name}"
+        part = f" part {self.part.part.index + 1}/{self.part.part.count}" if self.part else ""
+        return f"shard {self.label}{self.shard.name}{part}"
 
 
 @dataclass
 class UnitResult:
-    """The small manifest a unit returns to the driver (never tensor data)."""
+    """The small manifest a unit returns to the driver (never tensor data).
+
+    For a part (``part``: its index) ``size`` and ``sha256`` are the part's and ``receipt`` holds
+    what the driver needs to assemble the shard (S3: the ETags of its parts). A shard assembled
+    from parts has one sha256 per part (``parts``) and no sha256 of the file.
+    """
 
     path: str
     size: int
@@ -83,6 +103,19 @@ class UnitResult:
     busy_s: float
     reused: bool = False
     siblings: list["UnitResult"] = field(default_factory=list)
+    part: int | None = None
+    receipt: dict | None = None
+    parts: list[dict] | None = None
+
+    @classmethod
+    def from_record(cls, path: str, rec: dict) -> "UnitResult":
+        """A shard (or part) found intact as recorded: reused, nothing moved."""
+        return cls(path, rec["size"], rec.get("sha256", ""), list(rec["tensors"]), 0, 0, 0.0, reused=True, part=rec.get("part"), parts=rec.get("parts"))
+
+    def record(self) -> dict:
+        """What the output protocol keeps of a written shard or part (state records, the manifest)."""
+        digest = {"parts": self.parts} if self.parts is not None else {"sha256": self.sha256}
+        return {"size": self.size, **digest, "tensors": self.tensors, **({"part": self.part} if self.part is not None else {})}
 
     @property
     def unit_bytes_written(self) -> int:
@@ -91,13 +124,18 @@ class UnitResult:
 
 
 def _reusable(unit: Unit) -> UnitResult | None:
-    """The earlier copy of this shard, if it is still there byte for byte."""
+    """The earlier copy of this shard (or part, in the assembly file), if it is still there byte for byte."""
     exp = unit.expected
-    if not exp or not unit.out.exists(unit.path) or unit.out.size(unit.path) != exp["size"]:
+    if not exp:
         return None
-    if unit.out.sha256(unit.path, exp["size"]) != exp["sha256"]:
+    if unit.part:
+        p = unit.part.part
+        intact = unit.out.exists(unit.part.file) and unit.out.size(unit.part.file) >= p.end
+        if not intact or unit.out.sha256(unit.part.file, p.end, start=p.start) != exp["sha256"]:
+            return None
+    elif not unit.out.exists(unit.path) or unit.out.size(unit.path) != exp["size"] or digest_mismatch(unit.out, unit.path, exp):
         return None
-    return UnitResult(unit.path, exp["size"], exp["sha256"], list(exp["tensors"]), 0, 0, 0.0, reused=True)
+    return UnitResult.from_record(unit.path, exp)
 
 
 class _ShardStream:
@@ -105,7 +143,7 @@ class _ShardStream:
 
     def __init__(self, unit: Unit, on_progress: Callable[[int, int], None] | None):
         self.unit, self.on_progress = unit, on_progress
-        self.writer = unit.out.open_atomic(unit.path)
+        self.writer = unit.part.open(unit.out, unit.path) if unit.part else unit.out.open_atomic(unit.path)
         self.file_hash = hashlib.sha256()  # the only pass over the output bytes besides the write
         self.tensor_names: list[str] = []
         self.q: "queue.Queue[tuple[str, object] | None]" = queue.Queue(maxsize=WRITE_QUEUE)
@@ -115,7 +153,7 @@ class _ShardStream:
 
     def _loop(self) -> None:
         try:
-            self._write("", self.unit.shard.header)
+            self._write("", self.unit.head)
             while (item := self.q.get()) is not None:
                 self._write(*item)  # type: ignore[arg-type]
         except BaseException as e:  # noqa: BLE001 - surfaced by put() / close()
@@ -148,7 +186,9 @@ class _ShardStream:
         self.close()
         self.writer.commit()
         w = self.writer.written
-        return UnitResult(self.unit.path, w, self.file_hash.hexdigest(), self.tensor_names, 0, w, 0.0)
+        part = self.unit.part.part.index if self.unit.part else None
+        receipt = getattr(self.writer, "receipt", None)
+        return UnitResult(self.unit.path, w, self.file_hash.hexdigest(), self.tensor_names, 0, w, 0.0, part=part, receipt=receipt)
 
     def discard(self) -> None:
         try:
@@ -193,7 +233,7 @@ def run_unit(unit: Unit, device: str = "cpu", on_progress: Callable[[int, int], 
     todo = [u for u, r in zip(members, results) if r is None]
     fetched_total = 0
     if todo:
-        orders = [u.shard.in_file_order() for u in todo]
+        orders = [u.in_file_order() for u in todo]
         rows = [list(r) for r in zip(*orders)]
 
         def fetch(batch: list[list]) -> dict:

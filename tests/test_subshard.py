@@ -1,0 +1,195 @@
+"""Sub-shard work units (nyxray/parts.py, nyxray/assemble.py): a shard larger than the unit size is
+computed as parts by several workers and assembled into the same bytes as an unsplit run, locally
+(pwrite into a preallocated file, renamed at the end), on S3 (parts of one multipart upload of at
+least 5 MiB) and on Ray; a resume redoes only the missing parts; a failed S3 run leaves no upload."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+
+import pytest
+import s3fs
+
+import nyxray
+from nyxray import parts as P
+from nyxray.errors import NyxrayError, StorageError
+from nyxray.synthetic import ModelShape, make_model
+
+SHAPE = ModelShape(hidden=512, intermediate=1024, layers=16, vocab=2048, heads=8, kv_heads=4)  # about 80 MB in bf16
+RECIPE = """\
+slices:
+  - sources:
+      - model: a
+        layer_range: [0, 16]
+      - model: b
+        layer_range: [0, 16]
+merge_method: slerp
+base_model: a
+parameters:
+  t:
+    - filter: self_attn
+      value: [0.75, 0.25]
+    - filter: mlp
+      value: [0.25, 0.75]
+    - value: 0.5
+dtype: bfloat16
+"""
+SHARD = "18M"  # 5 output shards
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("subshard-src")
+    return {m: make_model(str(root / m), SHAPE, seed=i, shard_bytes=40_000_000) for i, m in enumerate("ab")}
+
+
+def merge(out: str, sources: dict[str, str], **kw) -> dict:
+    kw.setdefault("executor", "local")
+    return nyxray.merge(RECIPE, out, models=sources, out_shard_size=SHARD, progress=False, **kw)
+
+
+def hashes(path: str) -> dict[str, str]:
+    return {os.path.basename(f): hashlib.sha256(open(f, "rb").read()).hexdigest() for f in sorted(glob.glob(os.path.join(path, "*.safetensors")))}
+
+
+@pytest.fixture(scope="module")
+def reference(sources, tmp_path_factory) -> dict[str, str]:
+    """The shards of an unsplit run (every shard one unit)."""
+    out = str(tmp_path_factory.mktemp("subshard-ref") / "m")
+    report = merge(out, sources, unit_size="1B")
+    assert report["shards"] == 5 and sum(a["units"] for a in report["actors"]) == 5
+    return hashes(out)
+
+
+def manifest(path: str) -> dict:
+    return json.loads(open(os.path.join(path, "nyxray-manifest.json")).read())
+
+
+def test_layout_parts_are_contiguous_runs_of_whole_tensors(sources, tmp_path):
+    plan = nyxray.plan(RECIPE, models=sources, out_shard_size=SHARD)
+    for shard in plan.final.shards:
+        for unit, smallest in (("1M", 1), ("6M", P.MIN_PART)):
+            parts = P.layout(shard, P.cuts(shard, P.parse_unit_size(unit), smallest))
+            assert parts[0].start == 0 and parts[-1].end == shard.size
+            assert all(a.end == b.start for a, b in zip(parts, parts[1:]))
+            assert all(p.size >= smallest for p in parts[:-1])
+            big = max(e.end - e.start for e in shard.entries)
+            assert all(p.size <= max(P.parse_unit_size(unit), smallest + big) + len(shard.header) for p in parts)
+    with pytest.raises(NyxrayError, match="unit_size"):
+        merge(str(tmp_path / "x"), sources, unit_size="10K")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_local_parts_are_byte_identical_and_verified_per_part(sources, reference, tmp_path):
+    out = str(tmp_path / "m")
+    report = merge(out, sources, unit_size="6M")
+    assert hashes(out) == reference
+    units = sum(a["units"] for a in report["actors"])
+    assert units > 2 * report["shards"]  # parts count as units
+    assert report["bytes_written"] == sum(os.path.getsize(os.path.join(out, f)) for f in reference)
+    recs = manifest(out)["shards"]
+    assert all(len(r["parts"]) > 1 and "sha256" not in r for r in recs)
+    assert nyxray.verify(out) == []
+    assert not os.path.exists(os.path.join(out, ".nyxray"))
+    # verify checks every part's bytes: flip one byte in the middle of a shard
+    name = recs[0]["name"]
+    at = recs[0]["parts"][1]["start"] + 100
+    with open(os.path.join(out, name), "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 1]))
+    assert any("sha256 does not match" in p for p in nyxray.verify(out))
+
+
+def test_resume_after_a_part_failure_redoes_only_the_missing_parts(sources, reference, tmp_path, monkeypatch):
+    out = str(tmp_path / "m")
+    commit = P.LocalPartWriter.commit
+    failing = {"at": None}
+
+    def fail_third(self) -> None:  # the third part to finish fails (after two are recorded)
+        if failing["at"] is None and len(glob.glob(os.path.join(out, ".nyxray/parts/*/part-*.json"))) >= 2:
+            failing["at"] = self.offset
+        if self.offset == failing["at"]:
+            commit(self)
+            raise StorageError("injected part failure")
+        commit(self)
+
+    monkeypatch.setattr(P.LocalPartWriter, "commit", fail_third)
+    with pytest.raises(NyxrayError, match="injected part failure"):
+        merge(out, sources, unit_size="6M", actors=1)
+    assert not os.path.exists(os.path.join(out, "nyxray-manifest.json"))
+    assert not glob.glob(os.path.join(out, "*.safetensors"))  # no shard was whole yet: none under its final name
+    done = {(os.path.basename(os.path.dirname(f)), json.load(open(f))["part"]) for f in glob.glob(os.path.join(out, ".nyxray/parts/*/part-*.json"))}
+    assert len(done) == 2
+
+    monkeypatch.setattr(P.LocalPartWriter, "commit", commit)
+    opened: list[tuple[str, int]] = []
+    job_open = P.PartJob.open
+
+    def spy(self, loc, name):
+        opened.append((name, self.part.index))
+        return job_open(self, loc, name)
+
+    monkeypatch.setattr(P.PartJob, "open", spy)
+    report = merge(out, sources, unit_size="6M")
+    everything = {(r["name"], i) for r in manifest(out)["shards"] for i in range(len(r["parts"]))}
+    assert set(opened) == everything - done and len(opened) == len(set(opened))
+    assert hashes(out) == reference
+    assert nyxray.verify(out) == []
+    assert report["bytes_written"] < sum(os.path.getsize(os.path.join(out, f)) for f in reference)
+
+
+def test_s3_parts_are_one_multipart_upload_each(sources, reference, s3_server, s3_bucket):
+    opts = s3_server.storage_options
+    url = f"s3://{s3_bucket}/m"
+    report = merge(url, sources, unit_size="6M", storage_options=opts)
+    fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
+    got = {p.rsplit("/", 1)[-1]: hashlib.sha256(fs.cat_file(p)).hexdigest() for p in fs.ls(f"{s3_bucket}/m") if p.endswith(".safetensors")}
+    assert got == reference
+    assert sum(a["units"] for a in report["actors"]) > 2 * report["shards"]
+    for rec in json.loads(fs.cat_file(f"{s3_bucket}/m/nyxray-manifest.json"))["shards"]:
+        assert len(rec["parts"]) > 1 and all(p["end"] - p["start"] >= P.MIN_PART for p in rec["parts"][:-1])
+        etag = fs.info(f"{s3_bucket}/m/{rec['name']}")["ETag"].strip('"')
+        assert int(etag.rsplit("-", 1)[1]) >= len(rec["parts"])  # one upload, every part in it
+    assert nyxray.verify(url, opts) == []
+    assert s3_server.list_pending_uploads(s3_bucket) == []
+
+
+def test_s3_failed_part_aborts_the_uploads(sources, s3_server, s3_bucket, monkeypatch):
+    opts = s3_server.storage_options
+    commit = P.S3PartWriter.commit
+    seen = []
+
+    def fail_second(self) -> None:
+        seen.append(1)
+        if len(seen) == 2:
+            raise StorageError("injected upload failure")
+        commit(self)
+
+    monkeypatch.setattr(P.S3PartWriter, "commit", fail_second)
+    with pytest.raises(NyxrayError, match="injected upload failure"):
+        merge(f"s3://{s3_bucket}/m", sources, unit_size="6M", storage_options=opts, actors=1)
+    fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
+    assert not [p for p in fs.ls(f"{s3_bucket}/m") if p.endswith((".safetensors", "nyxray-manifest.json"))]
+    assert s3_server.list_pending_uploads(s3_bucket) == []
+
+
+def test_ray_parts_balance_eight_actors_on_three_nodes(ray_cluster, sources, reference, tmp_path):
+    """A 5-shard output on 8 actors of the 3-node test cluster: every actor gets work, balance <= 1.25."""
+    kw = dict(executor="ray", actors=8, actor_cpus=0.5, unit_size="1M")
+    try:
+        merge(str(tmp_path / "warm"), sources, keep_actors=60, **kw)  # start the 8 actors once: the run below measures work, not start-up
+        out = str(tmp_path / "m")
+        report = merge(out, sources, **kw)
+    finally:
+        nyxray.release_actors()
+    assert hashes(out) == reference
+    assert report["shards"] == 5 and len(report["actors"]) == 8
+    assert len({a["node_id"] for a in report["actors"]}) == 3
+    assert all(a["units"] > 0 for a in report["actors"]), report["actors"]
+    assert report["balance"] <= 1.25, report["actors"]
+    assert sum(a["bytes_written"] for a in report["actors"]) == report["bytes_written"]
