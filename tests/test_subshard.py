@@ -38,6 +38,7 @@ parameters:
 dtype: bfloat16
 """
 SHARD = "18M"  # 5 output shards
+WARM = ModelShape(hidden=64, intermediate=128, layers=16, vocab=512, heads=4, kv_heads=2)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,9 @@ def test_ray_parts_balance_eight_actors_on_three_nodes(ray_cluster, sources, ref
     """A 5-shard output on 8 actors of the 3-node test cluster: every actor gets work, balance <= 1.25."""
     kw = dict(executor="ray", actors=8, actor_cpus=0.5, unit_size="1M")
     try:
-        merge(str(tmp_path / "warm"), sources, keep_actors=60, **kw)  # start the 8 actors once: the run below measures work, not start-up
+        # Start the 8 actors (torch loaded) on a tiny merge of 10 shards: the run below measures work, not start-up.
+        tiny = {m: make_model(str(tmp_path / "tiny" / m), WARM, seed=i) for i, m in enumerate("ab")}
+        nyxray.merge(RECIPE, str(tmp_path / "warm"), models=tiny, out_shard_size="100K", progress=False, keep_actors=60, **kw)
         out = str(tmp_path / "m")
         report = merge(out, sources, **kw)
     finally:
