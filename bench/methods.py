@@ -5,7 +5,7 @@ Both are timed as the whole command a user types, in the same run on the same in
 ``nyxray merge R OUT`` (default options) against ``mergekit-yaml R OUT``. Wall time and peak RSS of
 each process come from ``/usr/bin/time``. Prints a table; ``--json FILE`` keeps the numbers.
 
-    .venv/bin/python bench/methods.py --size 1G --runs 3 [--mergekit-bin /work/mk-venv/bin]
+    .venv/bin/python bench/methods.py --size 1G --runs 3 [--methods ties dare_ties] [--mergekit-bin /work/mk-venv/bin]
 
 ``--size`` is the size of each of the 4 input models (bf16, Mistral-shaped; default 1G). The inputs
 are read once before timing (warm page cache), as a user re-running a merge would have them.
@@ -70,6 +70,7 @@ def main() -> int:
     ap.add_argument("--mergekit-bin", default="/work/mk-venv/bin", help="a venv's bin holding mergekit-yaml")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
     ap.add_argument("--json", default=None, help="also write the numbers here")
+    ap.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES), help="which rows (default: all)")
     a = ap.parse_args()
     size = int(float(a.size[:-1]) * {"K": 2**10, "M": 2**20, "G": 2**30}[a.size[-1].upper()]) if a.size[-1].isalpha() else int(a.size)
     work = a.work or tempfile.mkdtemp(prefix="nyxray-bench-methods-")
@@ -81,17 +82,19 @@ def main() -> int:
 
         shape = shape_for(size)
         t0 = time.time()
-        models = {"base": make_model(os.path.join(work, "base"), shape, seed=1, shard_bytes=2 * 10**9)}
-        for i in (1, 2, 3):
-            models[f"ft{i}"] = make_model(os.path.join(work, f"ft{i}"), shape, seed=1 + i, shard_bytes=2 * 10**9, like=models["base"], like_noise=0.03)
-        print(f"inputs: 4 x {shape.layers} layers, hidden {shape.hidden}, made in {time.time() - t0:.0f} s", flush=True)
+        models = {name: os.path.join(work, name) for name in ("base", "ft1", "ft2", "ft3")}
+        for i, (name, path) in enumerate(models.items()):
+            if not os.path.exists(os.path.join(path, "config.json")):  # --work keeps inputs for the next run
+                like = {"like": models["base"], "like_noise": 0.03} if i else {}
+                make_model(path, shape, seed=1 + i, shard_bytes=2 * 10**9, **like)
+        print(f"inputs: 4 x {shape.layers} layers, hidden {shape.hidden}, ready in {time.time() - t0:.0f} s", flush=True)
         for d in models.values():  # warm the page cache for both tools alike
             for f in os.listdir(d):
                 with open(os.path.join(d, f), "rb") as fh:
                     while fh.read(1 << 24):
                         pass
         rows = []
-        for method in RECIPES:
+        for method in a.methods:
             path = os.path.join(work, f"{method}.yml")
             with open(path, "w") as f:
                 f.write(recipe(method, models))

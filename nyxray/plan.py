@@ -320,14 +320,15 @@ def _same_shape(st: _Stage, w: _Want, have: list[_Input]) -> list[Expr]:
     raise ModelError(f"{st.recipe.origin}: tensor size mismatch for {w.out}: {listed}{hint}")
 
 
-def _present(st: _Stage, w: _Want) -> list[_Input] | None:
-    """The inputs of ``w`` that exist; None when the tensor is skipped (optional and absent
-    everywhere, or too few inputs for a method whose policy is to skip); raises when one is
-    missing for good."""
+def _present(st: _Stage, w: _Want) -> tuple[list[_Input], bool] | None:
+    """The inputs of ``w`` that exist, and whether the one left is copied as it is (the method's
+    policy for an optional tensor only one model has); None when the tensor is skipped (optional
+    and absent everywhere, or too few inputs for a method whose policy is to skip); raises when
+    one is missing for good."""
     present = [(src, name, st.models[src.model].tensors.get(name)) for src, name in w.inputs]
     have = [(src, name, e) for src, name, e in present if e is not None]
     if len(have) == len(present):
-        return have
+        return have, False
     arch = st.models[w.inputs[0][0].model].arch
     optional = w.out in arch.optional or any(w.out.endswith("." + s) for s in arch.optional)
     src, name, _ = next(p for p in present if p[2] is None)
@@ -345,7 +346,7 @@ def _present(st: _Stage, w: _Want) -> list[_Input] | None:
     copied = len(have) == 1 and (m.optional_policy == "passthrough_singleton" or (only_base and m.optional_policy != "error"))
     if not copied and _count_problem(m, len(have), any(h[0].model == base for h in have)):
         raise ModelError(f"{st.recipe.origin}: {missing}, and {m.name} cannot merge {w.out} without it")
-    return have
+    return have, copied
 
 
 def _resolve_all(st: _Stage, w: _Want, have: list[_Input], base: int | None) -> tuple[dict, dict, list]:
@@ -418,15 +419,15 @@ def _check_weight_sum(st: _Stage, shared: dict, per_input: dict, shown: list, ou
                           "change a weight or set normalize: false", st.recipe.origin)
 
 
-def _plan_tensor(st: _Stage, w: _Want, have: list[_Input]) -> PlannedTensor:
+def _plan_tensor(st: _Stage, w: _Want, have: list[_Input], copied: bool) -> PlannedTensor:
     m = st.method
     base_ref = _slice_base(st.recipe, m, w.slice)
     models_in = [src.model for src, _, _ in have]
     base = models_in.index(base_ref) if base_ref in models_in else None
     # An input copied alone (an optional tensor only one model has) takes no parameters.
-    shared, per_input, shown = _resolve_all(st, w, have, base) if len(have) > 1 or m.name == "passthrough" else ({}, {}, [])
+    shared, per_input, shown = ({}, {}, []) if copied else _resolve_all(st, w, have, base)
     exprs = [cast(e, st.dtype) for e in _same_shape(st, w, have)]
-    if len(exprs) == 1 and per_input.get("scale", [None])[0] is None:
+    if copied or (m.name == "passthrough" and per_input["scale"][0] is None):
         expr = cast(exprs[0], st.out_dtype)  # the source bytes as they are, or a cast
         return PlannedTensor(w.out, expr, "copy" if expr is have[0][2] else "cast")
     try:
@@ -459,10 +460,11 @@ def plan_stage(recipe: Recipe, models: dict[str, Model], out_shard_size: int, al
     order_inputs: list[list[tuple[str, str]]] = []  # per output, (model, input name): fixes write order
     staged_read = 0
     for w in _wanted(recipe, slices, models):
-        have = _present(st, w)
-        if have is None:
+        found = _present(st, w)
+        if found is None:
             continue
-        tensors.append(_plan_tensor(st, w, have))
+        have, copied = found
+        tensors.append(_plan_tensor(st, w, have, copied))
         order_inputs.append([(src.model, name) for src, name, _ in have])
         staged_read += sum(nbytes_of(e.dtype, shape_of(e)) for _, _, e in have)
     _warn_unmatched_filters(recipe, slices, [t.name for t in tensors], st.warnings)
