@@ -285,6 +285,11 @@ def _split_documents(text: str) -> list[str]:
     return [d for d in docs if d.strip() and not all(l.strip().startswith("#") or not l.strip() for l in d.splitlines())]
 
 
+# What loading hostile YAML can raise: PyYAML's errors, RecursionError (nesting deeper than its
+# composer's stack) and its constructors' own slips on empty or odd tagged scalars ("!!int" alone).
+YAML_FAILURES = (yaml.YAMLError, RecursionError, ValueError, IndexError, TypeError, OverflowError)
+
+
 class _StrictLoader(yaml.SafeLoader):
     """The safe loader (no ``!!python/...`` tags), refusing repeated keys.
 
@@ -316,8 +321,8 @@ def parse_pipeline(text: str, origin: str = "<recipe>") -> list[Recipe]:
     """
     try:
         docs = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
-    except yaml.YAMLError as e:
-        raise RecipeError("", f"not valid YAML: {' '.join(str(e).split())}", origin) from None
+    except YAML_FAILURES as e:
+        raise RecipeError("", f"not valid YAML: {type(e).__name__}: {' '.join(str(e).split())[:200]}", origin) from None
     if not docs:
         raise RecipeError("", "the recipe is empty", origin)
     texts = _split_documents(text)

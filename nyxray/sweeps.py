@@ -29,7 +29,7 @@ from .methods.registry import METHODS
 from .models import Model, Resolver
 from .plan import Plan, parse_size
 from .plan import plan as make_plan
-from .recipe import Recipe, _StrictLoader, parse_pipeline, parse_recipe
+from .recipe import YAML_FAILURES, Recipe, _StrictLoader, parse_pipeline, parse_recipe
 from .storage import location
 
 SWEEP_KEYS = ("members", "base", "grid", "grid_prefix")
@@ -114,7 +114,7 @@ def _load_base(base: Any, base_dir: str, origin: str) -> dict:
     if isinstance(base, str):
         try:
             docs = [d for d in yaml.load_all(base, Loader=_StrictLoader) if d is not None]
-        except yaml.YAMLError as e:
+        except YAML_FAILURES as e:
             raise RecipeError("base", f"not valid YAML ({where}): {' '.join(str(e).split())}", origin) from None
         if len(docs) != 1:
             raise RecipeError("base", f"a grid's base is one recipe, not a pipeline of {len(docs)} documents ({where})", origin)
@@ -143,7 +143,7 @@ def expand(text: str, origin: str = "<sweep>") -> dict[str, list[Recipe] | Nyxra
     """Sweep YAML -> member name -> its recipes (or the error that makes the member invalid)."""
     try:
         doc = yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as e:
+    except YAML_FAILURES as e:
         raise RecipeError("", f"not valid YAML: {' '.join(str(e).split())}", origin) from None
     if not isinstance(doc, dict):
         raise RecipeError("", "a sweep file is a mapping with members: and/or base: + grid:", origin)
