@@ -198,3 +198,20 @@ def test_ray_parts_balance_eight_actors_on_three_nodes(ray_cluster, sources, ref
     assert all(a["units"] > 0 for a in report["actors"]), report["actors"]
     assert report["balance"] <= 1.25, report["actors"]
     assert sum(a["bytes_written"] for a in report["actors"]) == report["bytes_written"]
+
+
+def test_sweep_members_share_reads_part_by_part(sources, tmp_path):
+    """A sweep's members with the same tensors are split at the same places: one unit computes the
+    same part of every member (each input byte read once), each member's shard assembled apart."""
+    with open(tmp_path / "base.yml", "w") as f:
+        f.write(RECIPE)
+    doc = f"base: {tmp_path / 'base.yml'}\ngrid:\n  parameters.t: [0.3, 0.7]\n"
+    report = nyxray.sweep(doc, str(tmp_path / "sw"), models=sources, out_shard_size=SHARD, progress=False, executor="local", unit_size="6M")
+    members = sorted(os.listdir(tmp_path / "sw"))
+    assert len(members) == 2 and sum(a["units"] for a in report["actors"]) > 2 * 5
+    for name, t in zip(members, ("0.3", "0.7")):
+        single = str(tmp_path / f"single-{t}")
+        nyxray.merge(RECIPE.replace("    - filter: self_attn\n      value: [0.75, 0.25]\n    - filter: mlp\n      value: [0.25, 0.75]\n    - value: 0.5\n", f"    - value: {t}\n"),
+                     single, models=sources, out_shard_size=SHARD, progress=False, executor="local", unit_size="1B")
+        assert hashes(str(tmp_path / "sw" / name)) == hashes(single)
+        assert nyxray.verify(str(tmp_path / "sw" / name)) == []
