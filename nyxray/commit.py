@@ -120,6 +120,10 @@ def claim(out: Location, stage: StagePlan, c: Claim, overwrite: bool) -> None:
         for f in c.files:
             if f == MANIFEST or (f.endswith(".safetensors") and f.startswith("model") and f not in planned):
                 out.delete(f)
+        if not c.records and STATE_DIR in c.files:
+            # Another plan's resume records: kept, a crash of this run would let the next run
+            # take that plan's shards (same names, bytes matching their old records) for its own.
+            out.delete_tree(STATE_DIR)
     out.remove_partial_writes()
     out.makedirs()
     _write_state(out, stage, c)

@@ -175,3 +175,42 @@ def test_s3_output_is_not_a_model_from_repair_start_to_commit(s3_server, s3_src,
     shard_writes = [i for i, (m, t) in enumerate(order) if m in ("PUT", "POST") and t.endswith(".safetensors")]
     assert shard_writes and manifest_gone < min(shard_writes)
     assert nyxray.verify(out, opts) == []
+
+
+def test_overwrite_drops_another_plans_resume_records(tmp_path):
+    """An unfinished output of plan A (shards written and recorded, no manifest) overwritten by
+    plan B, whose first run is killed: the re-run of B must not take A's shards for its own
+    (same names, and their bytes still match A's records)."""
+    import json
+
+    from nyxray.commit import STATE, STATE_DIR, plan_id
+    from nyxray.synthetic import ModelShape, make_model
+
+    shape = ModelShape(hidden=64, intermediate=128, layers=4, vocab=2048, heads=4, kv_heads=2)
+    src = {n: make_model(str(tmp_path / n), shape, seed=i, shard_bytes=10**9) for i, n in enumerate(("a", "b"), start=1)}
+
+    def recipe(t: float) -> str:
+        return f"merge_method: slerp\nbase_model: {src['a']}\nmodels:\n  - model: {src['a']}\n  - model: {src['b']}\nparameters: {{t: {t}}}\n"
+
+    kw = dict(executor="local", progress=False, out_shard_size="300K")
+    nyxray.merge(recipe(0.3), str(tmp_path / "a_done"), **kw)
+    nyxray.merge(recipe(0.7), str(tmp_path / "b_clean"), **kw)
+    out = tmp_path / "out"  # what a killed run of plan A leaves: its shards and their records
+    (out / STATE_DIR / "shards").mkdir(parents=True)
+    manifest = json.load(open(tmp_path / "a_done" / "nyxray-manifest.json"))
+    for rec in manifest["shards"]:
+        shutil.copy(tmp_path / "a_done" / rec["name"], out / rec["name"])
+        (out / STATE_DIR / "shards" / f"{rec['name']}.json").write_text(json.dumps(rec))
+    (out / STATE).write_text(json.dumps({"plan_id": plan_id(nyxray.plan(recipe(0.3), out_shard_size="300K").final)}))
+
+    import nyxray.execute.local as local_pool
+
+    def killed(*args, **kwargs):  # the run dies after claiming the output, before any unit
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(local_pool, "run_unit", killed)
+        with pytest.raises(KeyboardInterrupt):
+            nyxray.merge(recipe(0.7), str(out), overwrite=True, **kw)
+    nyxray.merge(recipe(0.7), str(out), **kw)
+    assert digests(str(out)) == digests(str(tmp_path / "b_clean"))
