@@ -209,7 +209,8 @@ def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: 
     ``random_seed`` seeds every member's random methods (default: each recipe's, else 0).
     """
     started = time.monotonic()
-    check_execution(execution.get("device", "auto"), execution.get("executor", "auto"), execution.get("actors"), execution.get("keep_actors", 0.0))
+    check_execution(execution.get("device", "auto"), execution.get("executor", "auto"), execution.get("actors"), execution.get("keep_actors", 0.0),
+                    execution.get("unit_size"))
     parse_size(out_shard_size)
     sweep = os.fspath(sweep)
     if "\n" not in sweep and (sweep.endswith((".yml", ".yaml")) or os.path.exists(sweep)):
