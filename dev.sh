@@ -2,6 +2,7 @@
 # One entry point for a fresh machine: sets up .venv (CPU torch first, then the pinned rest) and
 #   ./dev.sh demo   merges the Nyxene-v2-11B pipeline on small synthetic models on a local Ray
 #   ./dev.sh test   runs the whole test suite (starts its own Ray cluster and S3 server)
+#   ./dev.sh lint   checks the code with ruff (lint and format), as CI does
 #   ./dev.sh bench  runs the benchmark (see bench/README.md)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,6 +22,7 @@ cmd=${1:-test}; shift || true
 case "$cmd" in
   demo)  exec .venv/bin/nyxray demo "$@" ;;
   test)  export RAY_AUTH_MODE=disabled; exec .venv/bin/python -m pytest -q "$@" ;;
+  lint)  .venv/bin/ruff check . && exec .venv/bin/ruff format --check . ;;
   bench) exec .venv/bin/python bench/bench.py "$@" ;;
-  *) echo "usage: ./dev.sh demo|test|bench [args]" >&2; exit 2 ;;
+  *) echo "usage: ./dev.sh demo|test|lint|bench [args]" >&2; exit 2 ;;
 esac

@@ -20,15 +20,14 @@ See bench/README.md. Run it with ``./dev.sh bench [args]``.
 from __future__ import annotations
 
 import argparse
-import gc
-import resource
-import traceback
 import contextlib
 import copy
 import fnmatch
+import gc
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import statistics
@@ -36,9 +35,11 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -120,8 +121,7 @@ def shape_for(size: int) -> dict[str, int]:
 
 # -- RSS sampling ---------------------------------------------------------------------------------
 
-INFRA_MARKERS = ("raylet", "gcs_server", "ray/_private", "ray/dashboard", "ray/autoscaler", "log_monitor", "monitor.py",
-                 "runtime_env", "weed", "py-spy")
+INFRA_MARKERS = ("raylet", "gcs_server", "ray/_private", "ray/dashboard", "ray/autoscaler", "log_monitor", "monitor.py", "runtime_env", "weed", "py-spy")
 
 
 def _read(path: str) -> str:
@@ -291,9 +291,18 @@ class Case:
         return max(self.peak("actor_max"), self.peak("driver") if self.kind in ("nyxray-local", "floor", "sweep-local") else 0) or self.peak("driver")
 
     def summary(self) -> dict:
-        return {"id": self.id, "recipe": self.recipe, "kind": self.kind, "note": self.note, "skipped": self.skipped,
-                "wall_median_s": self.wall(), "walls_s": [r["wall_s"] for r in self.runs], "runs": self.runs,
-                "rss_work_peak": self.work_rss() if self.runs else None, "rss_proc_peak": self.proc_rss() if self.runs else None}
+        return {
+            "id": self.id,
+            "recipe": self.recipe,
+            "kind": self.kind,
+            "note": self.note,
+            "skipped": self.skipped,
+            "wall_median_s": self.wall(),
+            "walls_s": [r["wall_s"] for r in self.runs],
+            "runs": self.runs,
+            "rss_work_peak": self.work_rss() if self.runs else None,
+            "rss_proc_peak": self.proc_rss() if self.runs else None,
+        }
 
 
 class Bench:
@@ -451,9 +460,11 @@ class Bench:
             ru1, rc1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
             time.sleep(0.06)
             rss = self.sampler.snapshot()
-            cpu = {"driver": round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 2),
-                   "subprocesses": round(rc1.ru_utime + rc1.ru_stime - rc0.ru_utime - rc0.ru_stime, 2),
-                   "actors": rss.pop("cpu_s", {}).get("actor", 0.0)}
+            cpu = {
+                "driver": round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 2),
+                "subprocesses": round(rc1.ru_utime + rc1.ru_stime - rc0.ru_utime - rc0.ru_stime, 2),
+                "actors": rss.pop("cpu_s", {}).get("actor", 0.0),
+            }
             rss["driver_at_start"] = rss_start
             run = {"wall_s": round(extra.pop("wall_s", wall), 4), "rss": rss, "cpu_s": cpu, "load1": round(load, 2), **extra}
             c.runs.append(run)
@@ -507,7 +518,7 @@ class Bench:
                         while a < b:
                             n = f.readinto(view[: min(CHUNK, b - a)])
                             if not n:
-                                raise IOError(f"short read {path}")
+                                raise OSError(f"short read {path}")
                             a += n
                             nread += n
             t1 = time.perf_counter()
@@ -583,8 +594,17 @@ class Bench:
             kw["storage_options"] = self.s3_opts
 
         def run(out: str) -> dict:
-            rep = nyxray.merge(path, out, executor=executor, actors=actors, out_shard_size=self.out_shard, progress=False,
-                               write_model_card=False, **({"keep_actors": keep} if keep else {}), **kw)
+            rep = nyxray.merge(
+                path,
+                out,
+                executor=executor,
+                actors=actors,
+                out_shard_size=self.out_shard,
+                progress=False,
+                write_model_card=False,
+                **({"keep_actors": keep} if keep else {}),
+                **kw,
+            )
             return _nyx_numbers(rep)
 
         return run
@@ -619,8 +639,18 @@ class Bench:
 
     def nyx_cli(self, recipe: str) -> Callable[[str], dict]:
         path, kw = self.recipe_args(recipe)
-        cmd = [os.path.join(os.path.dirname(sys.executable), "nyxray"), "merge", path, "OUT", "--executor", "local", "--quiet",
-               "--no-write-model-card", "--out-shard-size", str(self.out_shard)]
+        cmd = [
+            os.path.join(os.path.dirname(sys.executable), "nyxray"),
+            "merge",
+            path,
+            "OUT",
+            "--executor",
+            "local",
+            "--quiet",
+            "--no-write-model-card",
+            "--out-shard-size",
+            str(self.out_shard),
+        ]
         if "models_root" in kw:
             cmd += ["--models-root", kw["models_root"]]
         for k, v in kw.get("models", {}).items():
@@ -700,7 +730,7 @@ class Bench:
     def _s3_key_for(self, local_path: str) -> str:
         for root, prefix in ((self.models, f"{self.BUCKET}/models"), (self.stage1, f"{self.BUCKET}/stage1")):
             if local_path.startswith(root + "/"):
-                return prefix + local_path[len(root):]
+                return prefix + local_path[len(root) :]
         # a leaf of an S3 plan is already bucket/key
         return local_path
 
@@ -767,10 +797,24 @@ class Bench:
         import nyxray
 
         def run(out: str) -> dict:
-            rep = nyxray.sweep(self.sweep_file, out, models=self.stage1_map, out_shard_size=self.out_shard, executor=executor,
-                               actors=actors, progress=False, write_model_card=False)
-            return {"bytes_read": rep["bytes_read"], "bytes_written": rep["bytes_written"], "failed": rep["failed"],
-                    "nyxray_wall_s": rep["wall_s"], "bytes_read_min": self.plans["slerp"].bytes_read_min(), "timings_s": rep.get("timings_s")}
+            rep = nyxray.sweep(
+                self.sweep_file,
+                out,
+                models=self.stage1_map,
+                out_shard_size=self.out_shard,
+                executor=executor,
+                actors=actors,
+                progress=False,
+                write_model_card=False,
+            )
+            return {
+                "bytes_read": rep["bytes_read"],
+                "bytes_written": rep["bytes_written"],
+                "failed": rep["failed"],
+                "nyxray_wall_s": rep["wall_s"],
+                "bytes_read_min": self.plans["slerp"].bytes_read_min(),
+                "timings_s": rep.get("timings_s"),
+            }
 
         return run
 
@@ -781,8 +825,16 @@ class Bench:
             tot = {"bytes_read": 0, "bytes_written": 0}
             walls = []
             for name, path in self.sweep_members:
-                rep = nyxray.merge(path, os.path.join(out, name), models=self.stage1_map, out_shard_size=self.out_shard,
-                                   executor=executor, actors=actors, progress=False, write_model_card=False)
+                rep = nyxray.merge(
+                    path,
+                    os.path.join(out, name),
+                    models=self.stage1_map,
+                    out_shard_size=self.out_shard,
+                    executor=executor,
+                    actors=actors,
+                    progress=False,
+                    write_model_card=False,
+                )
                 tot["bytes_read"] += rep["bytes_read"]
                 tot["bytes_written"] += rep["bytes_written"]
                 walls.append(rep["wall_s"])
@@ -792,15 +844,23 @@ class Bench:
 
     # -- profile --------------------------------------------------------------------------------
     def run_profile(self) -> None:
-        spy = self.a.py_spy or next((p for p in (shutil.which("py-spy"), os.path.join(os.path.dirname(sys.executable), "py-spy"),
-                                                 os.path.join(self.work, "tools", "bin", "py-spy")) if p and os.access(p, os.X_OK)), None)
+        spy = self.a.py_spy or next(
+            (
+                p
+                for p in (shutil.which("py-spy"), os.path.join(os.path.dirname(sys.executable), "py-spy"), os.path.join(self.work, "tools", "bin", "py-spy"))
+                if p and os.access(p, os.X_OK)
+            ),
+            None,
+        )
         for recipe in ("slerp", "pipeline"):
             path, kw = self.recipe_args(recipe)
             out = self.fresh(f"profile-{recipe}")
-            code = ("import nyxray, sys, json\n"
-                    f"rep = nyxray.merge({path!r}, {out!r}, executor='local', out_shard_size={self.out_shard!r}, progress=False,"
-                    f" write_model_card=False, **{kw!r})\n"
-                    "print('BENCH-JSON', json.dumps({'wall_s': rep['wall_s']}))\n")
+            code = (
+                "import nyxray, sys, json\n"
+                f"rep = nyxray.merge({path!r}, {out!r}, executor='local', out_shard_size={self.out_shard!r}, progress=False,"
+                f" write_model_card=False, **{kw!r})\n"
+                "print('BENCH-JSON', json.dumps({'wall_s': rep['wall_s']}))\n"
+            )
             res: dict[str, Any] = {"recipe": recipe}
             if spy:
                 raw = os.path.join(self.runs_dir, f"profile-{recipe}.txt")
@@ -813,7 +873,7 @@ class Bench:
                     r = subprocess.run(base + tail, cwd=REPO, capture_output=True, text=True)
                 if r.returncode == 0:
                     res.update(tool=f"py-spy record --threads{' --native' if native else ''} at 100 Hz", **_digest_pyspy(raw))
-                    res["merge_wall_s"] = next(json.loads(l.split(" ", 1)[1]) for l in r.stdout.splitlines() if l.startswith("BENCH-JSON"))["wall_s"]
+                    res["merge_wall_s"] = next(json.loads(line.split(" ", 1)[1]) for line in r.stdout.splitlines() if line.startswith("BENCH-JSON"))["wall_s"]
                 else:
                     res["error"] = r.stderr[-1500:]
             if not spy or "error" in res:
@@ -848,8 +908,11 @@ class Bench:
                 if self.selected(f"{r}/floor", "floor"):
                     self.timed(self.case(f"{r}/floor", r, "floor", note="plain read+write+fsync"), self.floor_local(r), group="floor")
             if self.selected("sweep/floor", "floor") and self.selected("sweep/one-job", "sweep"):
-                self.timed(self.case("sweep/floor", "sweep", "floor", note=f"slerp inputs once, {a.sweep_k} outputs"),
-                           self.floor_local("slerp", copies=a.sweep_k), group="floor")
+                self.timed(
+                    self.case("sweep/floor", "sweep", "floor", note=f"slerp inputs once, {a.sweep_k} outputs"),
+                    self.floor_local("slerp", copies=a.sweep_k),
+                    group="floor",
+                )
             # 2. mergekit (before Ray starts: its numbers carry no Ray processes)
             mk_ids = [f"{r}/mergekit" for r in R]
             if self.any_selected("mergekit", mk_ids):
@@ -878,13 +941,15 @@ class Bench:
                         self.timed(self.case(cid, "s3read", "s3read", note=f"8 MiB ranged GETs, {n} in flight"), self.s3read(m, n), group="s3read")
                 for r in ("slerp", "pipeline"):
                     if self.selected(f"{r}/floor-s3", "s3"):
-                        self.timed(self.case(f"{r}/floor-s3", r, "floor", note="plain s3fs cat_ranges + multipart put"),
-                                   self.floor_s3(r), s3=True, group="s3")
+                        self.timed(self.case(f"{r}/floor-s3", r, "floor", note="plain s3fs cat_ranges + multipart put"), self.floor_s3(r), s3=True, group="s3")
             # 4. Ray (before the local executor runs, so the driver starts small): init once (timed), one cold run, steady state
             ray_ids = [f"{r}/nyxray-ray{n}" for r in R for n in (1, 2)] + [f"{r}/nyxray-ray2-kept" for r in R] + ["slerp/nyxray-ray-cold"]
             sweep_ids = ["sweep/one-job", "sweep/separate"]
-            want_ray = (self.any_selected("ray", ray_ids) or self.any_selected("s3", [i for i in s3_ids if "ray" in i])
-                        or (self.any_selected("sweep", sweep_ids) and a.sweep_executor == "ray"))
+            want_ray = (
+                self.any_selected("ray", ray_ids)
+                or self.any_selected("s3", [i for i in s3_ids if "ray" in i])
+                or (self.any_selected("sweep", sweep_ids) and a.sweep_executor == "ray")
+            )
             if want_ray:
                 import ray
 
@@ -910,8 +975,11 @@ class Bench:
 
                         self.nyx(r, "ray", 2, keep=120)(self.fresh(f"{r}-warm"))  # untimed: starts the actors this case keeps
                         shutil.rmtree(self.fresh(f"{r}-warm"), ignore_errors=True)
-                        self.timed(self.case(cid, r, "nyxray-ray", note="Ray up, actors kept by the previous merge (keep_actors)"),
-                                   self.nyx(r, "ray", 2, keep=120), group="ray")
+                        self.timed(
+                            self.case(cid, r, "nyxray-ray", note="Ray up, actors kept by the previous merge (keep_actors)"),
+                            self.nyx(r, "ray", 2, keep=120),
+                            group="ray",
+                        )
                         nyxray.release_actors()
                 for r in ("slerp", "pipeline"):
                     if self.s3 and self.selected(f"{r}/nyxray-s3-ray2", "s3"):
@@ -935,8 +1003,9 @@ class Bench:
                 if self.selected(f"{r}/nyxray-local", "local"):
                     self.timed(self.case(f"{r}/nyxray-local", r, "nyxray-local"), self.nyx(r, "local"), group="local")
             if self.selected("slerp/kernel", "local"):
-                self.timed(self.case("slerp/kernel", "slerp", "kernel", note="the SLERP math alone: no I/O, no hashing, 1 thread"),
-                           self.kernel(), group="local")
+                self.timed(
+                    self.case("slerp/kernel", "slerp", "kernel", note="the SLERP math alone: no I/O, no hashing, 1 thread"), self.kernel(), group="local"
+                )
             for r in ("slerp", "pipeline"):
                 if self.selected(f"{r}/nyxray-cli", "cli"):
                     self.timed(self.case(f"{r}/nyxray-cli", r, "nyxray-cli", inproc=False, note="process incl. start-up"), self.nyx_cli(r), group="cli")
@@ -1002,8 +1071,19 @@ def _nyx_numbers(rep: dict) -> dict:
     }
 
 
-WAIT_LEAVES = ("Condition.wait", "Event.wait", "_worker", "Thread.join", "Future.result", "Queue.get", "SimpleQueue.get", "wait", "select",
-               "_wait_for_tstate_lock", "get")
+WAIT_LEAVES = (
+    "Condition.wait",
+    "Event.wait",
+    "_worker",
+    "Thread.join",
+    "Future.result",
+    "Queue.get",
+    "SimpleQueue.get",
+    "wait",
+    "select",
+    "_wait_for_tstate_lock",
+    "get",
+)
 
 
 def _frame(fr: str, line: bool) -> str:
@@ -1036,8 +1116,12 @@ def _digest_pyspy(raw: str) -> dict:
             leaf = frames[-1].split(" (")[0] if frames else ""
             if not frames:
                 role = "native thread, no Python frames (torch OpenMP workers)"
-            elif (leaf in WAIT_LEAVES or leaf.endswith(".wait") or leaf.endswith("acquire")
-                  or any(w in stack for w in ("acquire_lock", "SimpleQueue_get", "pthread_cond", "Condition.wait", "sem_wait"))):
+            elif (
+                leaf in WAIT_LEAVES
+                or leaf.endswith(".wait")
+                or leaf.endswith("acquire")
+                or any(w in stack for w in ("acquire_lock", "SimpleQueue_get", "pthread_cond", "Condition.wait", "sem_wait"))
+            ):
                 role = "waiting"
             elif "_find_and_load" in stack:
                 role = "import"
@@ -1064,8 +1148,9 @@ def _digest_pyspy(raw: str) -> dict:
                 incl[fn] = incl.get(fn, 0) + n
     skip = ("<module>", "_bootstrap", "_bootstrap_inner", "run", "_worker", "merge", "run_targets", "execute", "main", "<listcomp>")
     top_self = sorted(self_t.items(), key=lambda kv: -kv[1])[:15]
-    top_incl = sorted(((k, v) for k, v in incl.items() if ".py" in k and k.split(" (")[0] not in skip and not k.startswith("Thread.")),
-                      key=lambda kv: -kv[1])[:15]
+    top_incl = sorted(((k, v) for k, v in incl.items() if ".py" in k and k.split(" (")[0] not in skip and not k.startswith("Thread.")), key=lambda kv: -kv[1])[
+        :15
+    ]
     return {"samples": total, "active": active, "self": top_self, "inclusive": top_incl, "roles": roles}
 
 
@@ -1076,9 +1161,9 @@ def machine_info() -> dict:
     info["uname"] = f"{u.system} {u.node} {u.release} {u.version} {u.machine}"
     info["cpus"] = os.cpu_count()
     with contextlib.suppress(Exception):
-        info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     with contextlib.suppress(Exception):
-        info["ram_gib"] = round(int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 2**20, 1)
+        info["ram_gib"] = round(int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))) / 2**20, 1)
     info["python"] = platform.python_version()
     for mod in ("torch", "ray", "s3fs", "nyxray", "safetensors"):
         with contextlib.suppress(Exception):
@@ -1094,8 +1179,20 @@ def machine_info() -> dict:
 
 # -- report ---------------------------------------------------------------------------------------
 
-ORDER = ("floor", "floor-s3", "mergekit", "kernel", "nyxray-local", "nyxray-cli", "nyxray-ray1", "nyxray-ray2", "nyxray-ray2-kept",
-         "nyxray-ray-cold", "nyxray-s3-local", "nyxray-s3-ray2")
+ORDER = (
+    "floor",
+    "floor-s3",
+    "mergekit",
+    "kernel",
+    "nyxray-local",
+    "nyxray-cli",
+    "nyxray-ray1",
+    "nyxray-ray2",
+    "nyxray-ray2-kept",
+    "nyxray-ray-cold",
+    "nyxray-s3-local",
+    "nyxray-s3-ray2",
+)
 
 
 def table(b: Bench) -> tuple[str, list[dict]]:
@@ -1112,8 +1209,23 @@ def table(b: Bench) -> tuple[str, list[dict]]:
     mk = {c.recipe: c.wall() for c in cases if c.id.endswith("/mergekit") and c.runs}
     if "slerp" in mk:
         mk["sweep"] = mk["slerp"] * b.a.sweep_k
-    head = ["case", "wall s", "start s", "run s", "CPU s", "runs", "RSS work", "RSS proc", "read", "written", "MB/s", "floor/case", "floor/run",
-            "vs mergekit", "note"]
+    head = [
+        "case",
+        "wall s",
+        "start s",
+        "run s",
+        "CPU s",
+        "runs",
+        "RSS work",
+        "RSS proc",
+        "read",
+        "written",
+        "MB/s",
+        "floor/case",
+        "floor/run",
+        "vs mergekit",
+        "note",
+    ]
     rows, raw = [], []
     for c in cases:
         w = c.wall()
@@ -1130,10 +1242,25 @@ def table(b: Bench) -> tuple[str, list[dict]]:
         cpu = c.cpu()
         start, run = c.startup(), c.phase("run")
         ratio_run = fl / run if fl and run else None
-        rows.append([c.id, f"{w:.2f}", f"{start:.2f}" if start is not None else "", f"{run:.2f}" if run is not None else "",
-                     f"{cpu:.1f}" if cpu is not None else "", spread, human(c.work_rss()), human(c.proc_rss()), rd_s, human(wr),
-                     f"{(rd + wr) / w / MB:.0f}", f"{ratio_floor:.2f}" if ratio_floor else "", f"{ratio_run:.2f}" if ratio_run else "",
-                     f"{ratio_mk:.2f}x" if ratio_mk else "", c.note])
+        rows.append(
+            [
+                c.id,
+                f"{w:.2f}",
+                f"{start:.2f}" if start is not None else "",
+                f"{run:.2f}" if run is not None else "",
+                f"{cpu:.1f}" if cpu is not None else "",
+                spread,
+                human(c.work_rss()),
+                human(c.proc_rss()),
+                rd_s,
+                human(wr),
+                f"{(rd + wr) / w / MB:.0f}",
+                f"{ratio_floor:.2f}" if ratio_floor else "",
+                f"{ratio_run:.2f}" if ratio_run else "",
+                f"{ratio_mk:.2f}x" if ratio_mk else "",
+                c.note,
+            ]
+        )
         s = c.summary()
         s.update(ratio_floor=ratio_floor, ratio_floor_run=ratio_run, startup_s=start, run_s=run, ratio_mergekit=ratio_mk, mb_s=(rd + wr) / w / MB)
         raw.append(s)
@@ -1173,8 +1300,10 @@ def verdicts(b: Bench) -> list[str]:
         if run and fl:
             r = fl / run
             parts.append(f"{cid} {r:.2f} {'MET' if r >= 0.5 else 'MISSED'} (start-up {case.startup():.2f}s)")
-    out.append("steady-state throughput >= 50% of the I/O floor (floor time / nyxray's run phase; start-up = plan + start phases): "
-               + (", ".join(parts) or "not measured"))
+    out.append(
+        "steady-state throughput >= 50% of the I/O floor (floor time / nyxray's run phase; start-up = plan + start phases): "
+        + (", ".join(parts) or "not measured")
+    )
     parts = []
     for cid, case in c.items():
         if case.kind.startswith("nyxray") and case.runs:
@@ -1206,7 +1335,8 @@ def render(b: Bench, cmdline: str) -> tuple[str, dict]:
         f"nyxray benchmark, {i.get('date')}",
         f"machine: {i.get('cpus')} CPUs ({i.get('cpu_model', '?')}), {i.get('ram_gib')} GiB RAM; {i.get('uname')}",
         f"python {i.get('python')}, torch {i.get('torch')} ({i.get('torch_threads')} threads), ray {i.get('ray')}, s3fs {i.get('s3fs')},"
-        f" nyxray {i.get('nyxray')} @ {i.get('git')}" + (f" (at the end: {i.get('git_end')})" if i.get("git_end") != i.get("git") else "")
+        f" nyxray {i.get('nyxray')} @ {i.get('git')}"
+        + (f" (at the end: {i.get('git_end')})" if i.get("git_end") != i.get("git") else "")
         + f"; mergekit: {b.mk_bin or 'not used'}",
         f"command: {cmdline}",
         f"inputs: 4 x {human(b.model_size)} bf16 Mistral-shaped ({', '.join(f'{k}={v}' for k, v in b.dims.items())}), "
@@ -1214,38 +1344,57 @@ def render(b: Bench, cmdline: str) -> tuple[str, dict]:
         f"ray.init: {b.ray_init_s:.1f}s (not in the steady-state rows)" if b.ray_init_s else "ray.init: not run",
     ]
     if b.upload:
-        lines.append(f"S3 upload of the inputs (s3fs put_file, 4 files at once): {human(b.upload['bytes'])} in {b.upload['wall_s']:.1f}s = {b.upload['mb_s']:.0f} MB/s")
+        lines.append(
+            f"S3 upload of the inputs (s3fs put_file, 4 files at once): {human(b.upload['bytes'])} in {b.upload['wall_s']:.1f}s = {b.upload['mb_s']:.0f} MB/s"
+        )
     loads = [r["load1"] for c in b.cases.values() for r in c.runs if "load1" in r]
     if loads:
         lines.append(f"1-min load average at the start of the runs: {min(loads):.1f}-{max(loads):.1f} (other jobs share this machine)")
     if b.error:
         lines.append(f"ERROR, the run stopped early:\n{b.error}")
     tab, raw = table(b)
-    lines += ["", tab, "",
-              "wall s: median of the runs (min-max in 'runs'); CPU s: median CPU seconds of the driver + actors (subprocess rows: the subprocesses); RSS work: peak of driver + Ray actors summed (for subprocess rows: the"
-              " subprocess tree); RSS proc: peak of the largest single working process (driver for local, actor for Ray);"
-              " Ray/S3 daemons are not counted (see --json). start s / run s: nyxray's own phases (timings_s in its report): start-up ="
-              " plan + claim + worker start (Ray actors that compute load torch here), run = first unit handed out to the last one done."
-              " MB/s = (read + written) / wall. floor/case = I/O-floor time / case time; floor/run = I/O-floor time / run phase (steady state)"
-              " (the S3 floor for S3 rows). vs mergekit = case time / mergekit time of the same recipe (the pipeline: mergekit's 3 runs;"
-              " the sweep: K x mergekit slerp).", ""]
+    lines += [
+        "",
+        tab,
+        "",
+        "wall s: median of the runs (min-max in 'runs'); CPU s: median CPU seconds of the driver + actors (subprocess rows: the subprocesses); RSS work: peak of driver + Ray actors summed (for subprocess rows: the"
+        " subprocess tree); RSS proc: peak of the largest single working process (driver for local, actor for Ray);"
+        " Ray/S3 daemons are not counted (see --json). start s / run s: nyxray's own phases (timings_s in its report): start-up ="
+        " plan + claim + worker start (Ray actors that compute load torch here), run = first unit handed out to the last one done."
+        " MB/s = (read + written) / wall. floor/case = I/O-floor time / case time; floor/run = I/O-floor time / run phase (steady state)"
+        " (the S3 floor for S3 rows). vs mergekit = case time / mergekit time of the same recipe (the pipeline: mergekit's 3 runs;"
+        " the sweep: K x mergekit slerp).",
+        "",
+    ]
     lines += ["targets:"] + [f"  - {v}" for v in verdicts(b)]
     if b.profile:
         lines += ["", "profile (nyxray executor=local, one process; py-spy):"]
         for recipe, p in b.profile.items():
             if "self" in p:
-                lines.append(f"  {recipe}: merge {p.get('merge_wall_s')}s; {p['tool']}; {p['samples']} samples by role: "
-                             + ", ".join(f"{k} {v}" for k, v in sorted(p["roles"].items(), key=lambda kv: -kv[1])))
+                lines.append(
+                    f"  {recipe}: merge {p.get('merge_wall_s')}s; {p['tool']}; {p['samples']} samples by role: "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(p["roles"].items(), key=lambda kv: -kv[1]))
+                )
                 act = max(1, p["active"])
                 lines.append(f"    self time, % of {p['active']} active samples (no waits, no imports):")
                 lines += [f"      {v / act * 100:5.1f}%  {k}" for k, v in p["self"][:12]]
                 lines.append("    inclusive: " + "; ".join(f"{k} {v / act * 100:.0f}%" for k, v in p["inclusive"][:12]))
             else:
                 lines.append(f"  {recipe}: {p.get('tool')}\n{p.get('text', p.get('error', ''))}")
-    result = {"info": i, "command": cmdline, "dims": b.dims, "model_bytes": b.model_size, "out_shard_size": b.out_shard,
-              "in_shard_bytes": b.in_shard, "ray_init_s": b.ray_init_s, "s3_upload": b.upload, "cases": raw, "profile": b.profile,
-              "verdicts": verdicts(b), "plans": {k: {"bytes_read_min": p.bytes_read_min(), "bytes_written": p.final.bytes_written,
-                                                     "shards": len(p.final.shards)} for k, p in b.plans.items()}}
+    result = {
+        "info": i,
+        "command": cmdline,
+        "dims": b.dims,
+        "model_bytes": b.model_size,
+        "out_shard_size": b.out_shard,
+        "in_shard_bytes": b.in_shard,
+        "ray_init_s": b.ray_init_s,
+        "s3_upload": b.upload,
+        "cases": raw,
+        "profile": b.profile,
+        "verdicts": verdicts(b),
+        "plans": {k: {"bytes_read_min": p.bytes_read_min(), "bytes_written": p.final.bytes_written, "shards": len(p.final.shards)} for k, p in b.plans.items()},
+    }
     return "\n".join(lines), result
 
 
@@ -1254,8 +1403,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="1G", help="bytes per input model, K/M/G suffixes (default 1G)")
     p.add_argument("--quick", action="store_true", help="~100 MB smoke run: --size 100M, 1 run, sweep K=2")
     p.add_argument("--runs", type=int, help="runs per case; the median is reported (default 3, 1 with --quick)")
-    p.add_argument("--runs-for", nargs="*", default=[], metavar="GROUP=N",
-                   help=f"runs for one group of cases (groups: {', '.join(GROUPS[:-1])}), e.g. s3=1 cli=1 (default: --runs)")
+    p.add_argument(
+        "--runs-for",
+        nargs="*",
+        default=[],
+        metavar="GROUP=N",
+        help=f"runs for one group of cases (groups: {', '.join(GROUPS[:-1])}), e.g. s3=1 cli=1 (default: --runs)",
+    )
     p.add_argument("--work", default="/tmp/nyxray-bench", help="work dir: cached inputs, outputs (removed after each run)")
     p.add_argument("--cases", nargs="*", help=f"groups ({', '.join(GROUPS)}) or case-id patterns, e.g. 'slerp/*' '*mergekit'")
     p.add_argument("--out-shard-size", help="output shard size in bytes (default: a quarter of the model size)")
@@ -1282,8 +1436,14 @@ def main(argv: list[str] | None = None) -> int:
     a.sweep_k = a.sweep_k or 3
     a.s3_concurrency = [int(x) for x in str(a.s3_concurrency).split(",") if x]
     a.s3read_bytes = parse_bytes(a.s3read_bytes)
-    cmdline = " ".join(shlex.quote(x) for x in [os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO) else sys.executable,
-                                                 os.path.relpath(os.path.abspath(__file__), REPO), *(argv if argv is not None else sys.argv[1:])])
+    cmdline = " ".join(
+        shlex.quote(x)
+        for x in [
+            os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO) else sys.executable,
+            os.path.relpath(os.path.abspath(__file__), REPO),
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+    )
     b = Bench(a)
     started = time.monotonic()
     try:

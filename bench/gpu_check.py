@@ -192,8 +192,10 @@ def compare(out_a: str, out_b: str, device: str) -> dict[str, Any]:
 def fmt_cmp(s: dict[str, Any]) -> str:
     pct = 100.0 * s["differing"] / max(1, s["elements"])
     worst = f", worst {s['worst']}" if s["worst"] else ""
-    return (f"{s['differing']:,} of {s['elements']:,} elements differ ({pct:.4f}%) in {s['tensors_differing']} tensors; "
-            f"max abs error {s['max_abs']:.3g}, max {s['max_ulp']} ulp{worst}")
+    return (
+        f"{s['differing']:,} of {s['elements']:,} elements differ ({pct:.4f}%) in {s['tensors_differing']} tensors; "
+        f"max abs error {s['max_abs']:.3g}, max {s['max_ulp']} ulp{worst}"
+    )
 
 
 def merge(recipe_text: str, out: str, models: dict[str, str], device: str, executor: str = "local", **kw: Any) -> tuple[dict, float]:
@@ -206,7 +208,9 @@ def merge(recipe_text: str, out: str, models: dict[str, str], device: str, execu
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=parse_size, default=parse_size("2G"), help="bytes per input model for the throughput SLERP: 'small' (~256M), or e.g. 512M, 2G (default)")
+    ap.add_argument(
+        "--size", type=parse_size, default=parse_size("2G"), help="bytes per input model for the throughput SLERP: 'small' (~256M), or e.g. 512M, 2G (default)"
+    )
     ap.add_argument("--device", default="cuda", help="device under test (default cuda; 'cpu' = dry run of this script without a GPU)")
     ap.add_argument("--workdir", default=None, help="where to write models and outputs (default: a temporary directory, removed after)")
     ap.add_argument("--keep", action="store_true", help="keep --workdir / the temporary directory")
@@ -220,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
 
     dev = args.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
-        print(f"no CUDA device (torch {torch.__version__}, cuda build {torch.version.cuda}): nothing to check; "
-              "run this on a GPU machine, or with --device cpu for a dry run")
+        print(
+            f"no CUDA device (torch {torch.__version__}, cuda build {torch.version.cuda}): nothing to check; "
+            "run this on a GPU machine, or with --device cpu for a dry run"
+        )
         return 3 if args.require_cuda else 0
     if dev.startswith("cuda"):
         name = torch.cuda.get_device_name(dev)
@@ -239,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # 1. correctness on small models
         shape = ModelShape(hidden=256, intermediate=768, layers=8, vocab=9000, heads=8, kv_heads=2)
-        models = {"A": make_model(os.path.join(work, "small-A"), shape, seed=1, shard_bytes=4_000_000),
-                  "B": make_model(os.path.join(work, "small-B"), shape, seed=2, shard_bytes=4_000_000)}
+        models = {
+            "A": make_model(os.path.join(work, "small-A"), shape, seed=1, shard_bytes=4_000_000),
+            "B": make_model(os.path.join(work, "small-B"), shape, seed=2, shard_bytes=4_000_000),
+        }
         for i, name in enumerate("CDE"):  # fine-tunes of A (A + 3% noise): realistic task vectors
             models[name] = make_model(os.path.join(work, f"small-{name}"), shape, seed=5 + i, shard_bytes=4_000_000, like=models["A"], like_noise=0.03)
         texts = recipes(shape.layers)
@@ -271,13 +279,17 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             ray_tmp = os.path.join(tempfile.gettempdir(), f"nyxray-ray-{os.getpid()}")  # fresh: no stale cluster file
             ray.init(num_gpus=gpus, num_cpus=max(2, min(8, os.cpu_count() or 2)), include_dashboard=False, logging_level="WARNING", _temp_dir=ray_tmp)
-            print(f"ray.init: {time.perf_counter() - t0:.1f} s; resources {ray.cluster_resources().get('GPU', 0):g} GPU, {ray.cluster_resources().get('CPU', 0):g} CPU")
+            print(
+                f"ray.init: {time.perf_counter() - t0:.1f} s; resources {ray.cluster_resources().get('GPU', 0):g} GPU, {ray.cluster_resources().get('CPU', 0):g} CPU"
+            )
             try:
                 out = os.path.join(work, "slerp-ray", "model")
                 report, wall = merge(texts["slerp"], out, models, dev, executor="ray", out_shard_size="3M")
                 same = model_files(out) == model_files(slerp_dut)
                 devices = sorted({w["device"] for w in report["actors"] if w["units"]})
-                print(f"ray slerp: {wall:.1f} s, {len(report['actors'])} actor(s) on {devices}; vs local {dev}: {'bytes identical' if same else 'BYTES DIFFER'}")
+                print(
+                    f"ray slerp: {wall:.1f} s, {len(report['actors'])} actor(s) on {devices}; vs local {dev}: {'bytes identical' if same else 'BYTES DIFFER'}"
+                )
                 results["ray"] = {"identical_to_local": same, "actors": report["actors"], "wall_s": wall}
                 if not same:
                     failed.append("executor=ray output differs from executor=local on the same device")
@@ -293,8 +305,10 @@ def main(argv: list[str] | None = None) -> int:
             bshape, nbytes = big_shape(args.size)
             print(f"\n== throughput: SLERP of two {nbytes / GB:.2f} GB models ({bshape.layers} layers, hidden {bshape.hidden}) ==")
             t0 = time.perf_counter()
-            big = {"A": make_model(os.path.join(work, "big-A"), bshape, seed=3, shard_bytes=2**30),
-                   "B": make_model(os.path.join(work, "big-B"), bshape, seed=4, shard_bytes=2**30)}
+            big = {
+                "A": make_model(os.path.join(work, "big-A"), bshape, seed=3, shard_bytes=2**30),
+                "B": make_model(os.path.join(work, "big-B"), bshape, seed=4, shard_bytes=2**30),
+            }
             print(f"inputs made in {time.perf_counter() - t0:.1f} s")
             text = recipes(bshape.layers)["slerp"]
             outs = {}
@@ -302,8 +316,14 @@ def main(argv: list[str] | None = None) -> int:
                 outs[label] = os.path.join(work, f"big-{label}", "model")
                 report, wall = merge(text, outs[label], big, d, out_shard_size="1B")
                 moved = report["bytes_read_tensors"] + report["bytes_written"]
-                results[f"throughput_{label}"] = {"device": d, "wall_s": wall, "bytes_read": report["bytes_read_tensors"], "bytes_written": report["bytes_written"],
-                                                  "gb_s_total": moved / wall / GB, "gb_s_input": report["bytes_read_tensors"] / wall / GB}
+                results[f"throughput_{label}"] = {
+                    "device": d,
+                    "wall_s": wall,
+                    "bytes_read": report["bytes_read_tensors"],
+                    "bytes_written": report["bytes_written"],
+                    "gb_s_total": moved / wall / GB,
+                    "gb_s_input": report["bytes_read_tensors"] / wall / GB,
+                }
                 print(f"{d:>6}: {wall:6.1f} s  {moved / wall / GB:6.2f} GB/s read+written  ({report['bytes_read_tensors'] / wall / GB:.2f} GB/s of input)")
             g, c = results["throughput_dut"], results["throughput_cpu"]
             print(f"speed-up {dev} / cpu: {c['wall_s'] / g['wall_s']:.2f}x (inputs from the page cache: they were just written)")

@@ -83,7 +83,7 @@ def main() -> int:
         shape = shape_for(size)
         t0 = time.time()
         models = {name: os.path.join(work, name) for name in ("base", "ft1", "ft2", "ft3")}
-        for i, (name, path) in enumerate(models.items()):
+        for i, path in enumerate(models.values()):
             if not os.path.exists(os.path.join(path, "config.json")):  # --work keeps inputs for the next run
                 like = {"like": models["base"], "like_noise": 0.03} if i else {}
                 make_model(path, shape, seed=1 + i, shard_bytes=2 * 10**9, **like)
@@ -100,21 +100,36 @@ def main() -> int:
                 f.write(recipe(method, models))
             got: dict[str, list[tuple[float, int]]] = {"nyxray": [], "mergekit": []}
             for run in range(a.runs):
-                for tool, cmd in (("nyxray", [*nyx, path, os.path.join(work, "out-nyx"), "--quiet"]),
-                                  ("mergekit", [*mk, path, os.path.join(work, "out-mk"), "--no-write-model-card"])):
+                for tool, cmd in (
+                    ("nyxray", [*nyx, path, os.path.join(work, "out-nyx"), "--quiet"]),
+                    ("mergekit", [*mk, path, os.path.join(work, "out-mk"), "--no-write-model-card"]),
+                ):
                     out = os.path.join(work, "out-nyx" if tool == "nyxray" else "out-mk")
                     shutil.rmtree(out, ignore_errors=True)
                     got[tool].append(timed(cmd, env))
                     print(f"{method} run {run + 1} {tool}: {got[tool][-1][0]:.1f} s, {got[tool][-1][1] / 1e9:.2f} GB", flush=True)
             nyx_s, mk_s = (statistics.median(w for w, _ in got[t]) for t in ("nyxray", "mergekit"))
-            rows.append({"method": method, "nyxray_s": nyx_s, "mergekit_s": mk_s, "ratio": nyx_s / mk_s,
-                         "nyxray_rss": max(r for _, r in got["nyxray"]), "mergekit_rss": max(r for _, r in got["mergekit"]), "runs": got})
-        print(f"\nmachine: {platform.node()} {os.cpu_count()} CPUs, python {platform.python_version()}; inputs 4 x {size / 2**30:.2f} GiB bf16; "
-              f"median of {a.runs} runs; command: {' '.join(sys.argv)}")
+            rows.append(
+                {
+                    "method": method,
+                    "nyxray_s": nyx_s,
+                    "mergekit_s": mk_s,
+                    "ratio": nyx_s / mk_s,
+                    "nyxray_rss": max(r for _, r in got["nyxray"]),
+                    "mergekit_rss": max(r for _, r in got["mergekit"]),
+                    "runs": got,
+                }
+            )
+        print(
+            f"\nmachine: {platform.node()} {os.cpu_count()} CPUs, python {platform.python_version()}; inputs 4 x {size / 2**30:.2f} GiB bf16; "
+            f"median of {a.runs} runs; command: {' '.join(sys.argv)}"
+        )
         print("| method | nyxray merge (s) | mergekit-yaml (s) | ratio (target <= 0.35) | peak RSS nyxray | peak RSS mergekit |")
         print("|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['method']} | {r['nyxray_s']:.1f} | {r['mergekit_s']:.1f} | {r['ratio']:.2f}x | {r['nyxray_rss'] / 1e9:.2f} GB | {r['mergekit_rss'] / 1e9:.2f} GB |")
+            print(
+                f"| {r['method']} | {r['nyxray_s']:.1f} | {r['mergekit_s']:.1f} | {r['ratio']:.2f}x | {r['nyxray_rss'] / 1e9:.2f} GB | {r['mergekit_rss'] / 1e9:.2f} GB |"
+            )
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"size": size, "rows": rows}, f, indent=2)

@@ -11,13 +11,14 @@ import time
 from typing import Any
 
 from .commit import verify as verify_output
-from .driver import EXECUTORS, Target, balance, check_execution, pipeline_text, run_targets, target_report, write_report
+from .driver import Target, balance, check_execution, pipeline_text, run_targets, target_report, write_report
 from .errors import NyxrayError
 from .models import Resolver
 from .plan import Plan, parse_size
 from .plan import plan as make_plan
 from .recipe import Recipe, load_pipeline
 from .storage import location
+
 
 def _resolver(models: dict[str, str] | None, models_root: str | None, storage_options: dict[str, Any] | None) -> Resolver:
     return Resolver(dict(models or {}), models_root, dict(storage_options or {}))
@@ -43,8 +44,9 @@ def plan(
     """
     parse_size(out_shard_size)
     recipes = load_pipeline(recipe)
-    return make_plan(recipes, _resolver(models, models_root, storage_options), out_shard_size, allow_crimes, unsafe_truncate_embeddings,
-                     random_seed=_seed(random_seed))
+    return make_plan(
+        recipes, _resolver(models, models_root, storage_options), out_shard_size, allow_crimes, unsafe_truncate_embeddings, random_seed=_seed(random_seed)
+    )
 
 
 def _seed(random_seed: int | None) -> int | None:
@@ -102,16 +104,36 @@ def merge(
     started = time.monotonic()
     check_execution(device, executor, actors, keep_actors, unit_size)
     recipes = load_pipeline(recipe)
-    p = plan(recipes, out_shard_size=out_shard_size, models=models, models_root=models_root, storage_options=storage_options, random_seed=random_seed,
-             allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings)
+    p = plan(
+        recipes,
+        out_shard_size=out_shard_size,
+        models=models,
+        models_root=models_root,
+        storage_options=storage_options,
+        random_seed=random_seed,
+        allow_crimes=allow_crimes,
+        unsafe_truncate_embeddings=unsafe_truncate_embeddings,
+    )
     planned = time.monotonic() - started
     targets = [Target(location(out, storage_options), p.final, pipeline_text(recipes))]
     if intermediates:
         root = location(intermediates, storage_options)
         targets = [Target(root.child(st.name), st, st.recipe.text) for st in p.stages[:-1]] + targets
-    workers, timings, ran_on = run_targets(targets, device=device, overwrite=overwrite, executor=executor, progress=progress,
-                          copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, address=address,
-                          actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus, keep_actors=keep_actors, unit_size=unit_size)
+    workers, timings, ran_on = run_targets(
+        targets,
+        device=device,
+        overwrite=overwrite,
+        executor=executor,
+        progress=progress,
+        copy_tokenizer=copy_tokenizer,
+        write_model_card=write_model_card,
+        address=address,
+        actors=actors,
+        actor_cpus=actor_cpus,
+        actor_gpus=actor_gpus,
+        keep_actors=keep_actors,
+        unit_size=unit_size,
+    )
     parts = [target_report(tg) for tg in targets]
     wall = time.monotonic() - started
     moved = sum(x["bytes_read_tensors"] + x["bytes_written"] for x in parts)

@@ -67,7 +67,9 @@ def architecture_of(config: dict, where: str) -> Architecture:
         raise ModelError(f"{where}: config.json has no 'architectures' list")
     arch = ARCHITECTURES.get(names[0])
     if arch is None:
-        raise ModelError(f"{where}: architecture {names[0]!r} is not supported{did_you_mean(names[0], tuple(ARCHITECTURES))}; supported: {', '.join(ARCHITECTURES)}")
+        raise ModelError(
+            f"{where}: architecture {names[0]!r} is not supported{did_you_mean(names[0], tuple(ARCHITECTURES))}; supported: {', '.join(ARCHITECTURES)}"
+        )
     n = config.get(arch.layers_key)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ModelError(f"{where}: config.json {arch.layers_key} is {n!r}, not a positive integer")

@@ -54,9 +54,16 @@ class Assembly:
         self.finish()
         self.done = True
         rs = [self.results[p.index] for p in self.parts]
-        return UnitResult(self.shard.name, self.shard.size, "", [t for r in rs for t in r.tensors], sum(r.bytes_read for r in rs),
-                          sum(r.bytes_written for r in rs), sum(r.busy_s for r in rs),
-                          parts=[{"start": p.start, "end": p.end, "sha256": r.sha256} for p, r in zip(self.parts, rs)])
+        return UnitResult(
+            self.shard.name,
+            self.shard.size,
+            "",
+            [t for r in rs for t in r.tensors],
+            sum(r.bytes_read for r in rs),
+            sum(r.bytes_written for r in rs),
+            sum(r.busy_s for r in rs),
+            parts=[{"start": p.start, "end": p.end, "sha256": r.sha256} for p, r in zip(self.parts, rs)],
+        )
 
     def finish(self) -> None:
         """Make the shard appear under its final name, whole."""

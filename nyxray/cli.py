@@ -9,6 +9,7 @@ import sys
 
 from . import __version__, api, cli_compat
 from .describe import methods_table, plan_text, report_text
+from .driver import EXECUTORS
 from .errors import NyxrayError
 from .storage import parse_storage_options
 
@@ -27,7 +28,9 @@ def _source_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models and storage")
     g.add_argument("--model", action="append", default=[], metavar="NAME=URL", help="read the recipe's model NAME from URL (repeatable)")
     g.add_argument("--models-root", metavar="URL", help="a mirror laid out as URL/org/name for the recipe's model names")
-    g.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://... (repeatable)")
+    g.add_argument(
+        "--storage-option", action="append", default=[], metavar="KEY=VALUE", help="fsspec storage option, e.g. endpoint_url=http://... (repeatable)"
+    )
     g.add_argument("--out-shard-size", default="5B", metavar="SIZE", help="output shard size in bytes, K/M/B suffixes (decimal); default 5B")
     g.add_argument("--allow-crimes", action="store_true", help="allow merging models of different architectures")
     g.add_argument("--unsafe-truncate-embeddings", action="store_true", help="cut embeddings of different vocabulary sizes to the common rows")
@@ -42,13 +45,28 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("execution")
     r.add_argument("--device", default="auto", help="auto (GPU when the actor has one), cpu, cuda or cuda:N")
     r.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="same as --device cuda")
-    r.add_argument("--executor", default="auto", choices=api.EXECUTORS,
-                   help="auto (default): ray when a cluster is named (--address, RAY_ADDRESS, a Ray job), else local; ray: always Ray (a local one if no cluster); local: this process, one worker per core or GPU")
+    r.add_argument(
+        "--executor",
+        default="auto",
+        choices=EXECUTORS,
+        help="auto (default): ray when a cluster is named (--address, RAY_ADDRESS, a Ray job), else local; ray: always Ray (a local one if no cluster); local: this process, one worker per core or GPU",
+    )
     r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    r.add_argument("--actors", type=int, help="number of Ray actors or local worker threads (default: one per GPU, else one per --actor-cpus CPUs, or per core locally)")
-    r.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs each Ray actor reserves (its math runs on one torch thread; reads, writes and hashing use the rest); default 1")
+    r.add_argument(
+        "--actors", type=int, help="number of Ray actors or local worker threads (default: one per GPU, else one per --actor-cpus CPUs, or per core locally)"
+    )
+    r.add_argument(
+        "--actor-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs each Ray actor reserves (its math runs on one torch thread; reads, writes and hashing use the rest); default 1",
+    )
     r.add_argument("--actor-gpus", type=float, help="GPUs per actor (default 1 when the cluster has GPUs)")
-    r.add_argument("--unit-size", metavar="SIZE", help="most output bytes one work unit writes, K/M/B suffixes (decimal); a larger shard is split into parts computed by several workers; default 256 MiB")
+    r.add_argument(
+        "--unit-size",
+        metavar="SIZE",
+        help="most output bytes one work unit writes, K/M/B suffixes (decimal); a larger shard is split into parts computed by several workers; default 256 MiB",
+    )
     cli_compat.add_arguments(p)
 
 
@@ -65,9 +83,19 @@ def _common(args: argparse.Namespace) -> dict:
 
 def _execution(args: argparse.Namespace) -> dict:
     return dict(
-        device=args.device, copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card, overwrite=args.overwrite,
-        executor=args.executor, address=args.address, actors=args.actors, actor_cpus=args.actor_cpus, actor_gpus=args.actor_gpus, unit_size=args.unit_size,
-        progress=not args.quiet, report=args.report, random_seed=args.random_seed,
+        device=args.device,
+        copy_tokenizer=args.copy_tokenizer,
+        write_model_card=args.write_model_card,
+        overwrite=args.overwrite,
+        executor=args.executor,
+        address=args.address,
+        actors=args.actors,
+        actor_cpus=args.actor_cpus,
+        actor_gpus=args.actor_gpus,
+        unit_size=args.unit_size,
+        progress=not args.quiet,
+        report=args.report,
+        random_seed=args.random_seed,
     )
 
 
@@ -101,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthesise small Nyxene stand-in models and merge the Nyxene-v2-11B pipeline on a local Ray")
     p.add_argument("dir", nargs="?", default="demo-out", help="working directory (default ./demo-out)")
-    p.add_argument("--executor", default="ray", choices=api.EXECUTORS)
+    p.add_argument("--executor", default="ray", choices=EXECUTORS)
     return parser
 
 
@@ -114,10 +142,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             p = api.plan(args.recipe, **_common(args))
             if args.json:
-                print(json.dumps({"stages": [s.name or "<final>" for s in p.stages], "tensors": len(p.final.tensors),
-                                  "shards": [{"name": s.name, "tensors": len(s.tensors), "bytes": s.size} for s in p.final.shards],
-                                  "bytes_read_min": p.bytes_read_min(), "bytes_written": p.final.bytes_written,
-                                  "read_by_source": p.read_bytes_by_source(), "warnings": p.warnings}, indent=2))
+                print(
+                    json.dumps(
+                        {
+                            "stages": [s.name or "<final>" for s in p.stages],
+                            "tensors": len(p.final.tensors),
+                            "shards": [{"name": s.name, "tensors": len(s.tensors), "bytes": s.size} for s in p.final.shards],
+                            "bytes_read_min": p.bytes_read_min(),
+                            "bytes_written": p.final.bytes_written,
+                            "read_by_source": p.read_bytes_by_source(),
+                            "warnings": p.warnings,
+                        },
+                        indent=2,
+                    )
+                )
             else:
                 print(plan_text(p))
         elif args.command == "merge":

@@ -27,14 +27,18 @@ _NOTES: dict[str, tuple[str, str]] = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mergekit-yaml compatibility (accepted; see the notes they print)")
-    g.add_argument("--random-seed", type=int, default=None, metavar="N",
-                   help="seed of random methods (DARE, DELLA); default: the recipe's random_seed, else 0")
-    g.add_argument("--copy-tokenizer", dest="copy_tokenizer", action=argparse.BooleanOptionalAction, default=True,
-                   help="copy the donor's tokenizer files (default on)")
-    g.add_argument("--write-model-card", dest="write_model_card", action=argparse.BooleanOptionalAction, default=True,
-                   help="write README.md and mergekit_config.yml (default on)")
-    g.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True,
-                   help="write safetensors (the only format nyxray writes)")
+    g.add_argument("--random-seed", type=int, default=None, metavar="N", help="seed of random methods (DARE, DELLA); default: the recipe's random_seed, else 0")
+    g.add_argument(
+        "--copy-tokenizer", dest="copy_tokenizer", action=argparse.BooleanOptionalAction, default=True, help="copy the donor's tokenizer files (default on)"
+    )
+    g.add_argument(
+        "--write-model-card",
+        dest="write_model_card",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write README.md and mergekit_config.yml (default on)",
+    )
+    g.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True, help="write safetensors (the only format nyxray writes)")
     g.add_argument("--gpu-rich", action="store_true", help="same as --cuda (mergekit's shorthand for every GPU option)")
     for flag, (kind, _) in _NOTES.items():
         short = {"--num-threads": ["-j"], "--verbose": ["-v"]}.get(flag, [])
@@ -53,5 +57,4 @@ def apply(args: argparse.Namespace) -> list[str]:
         raise NyxrayError("--no-safe-serialization: nyxray writes safetensors only (pytorch_model.bin is not supported)")
     if args.gpu_rich:
         args.device = "cuda"
-    return [f"{flag}: accepted, not needed: {note}" for flag, (_, note) in _NOTES.items()
-            if getattr(args, "compat_" + flag[2:].replace("-", "_")) is not None]
+    return [f"{flag}: accepted, not needed: {note}" for flag, (_, note) in _NOTES.items() if getattr(args, "compat_" + flag[2:].replace("-", "_")) is not None]

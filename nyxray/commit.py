@@ -27,9 +27,9 @@ import yaml
 from . import __version__
 from .errors import NyxrayError, OutputError, StorageError
 from .graph import signature
+from .lease import LEASE
 from .methods.registry import METHODS
 from .parts import digest_mismatch
-from .lease import LEASE
 from .plan import StagePlan
 from .storage import Location
 
@@ -86,11 +86,15 @@ def inspect(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
         if manifest.get("plan_id") == pid:
             return Claim(True, {s["name"]: s for s in manifest.get("shards", [])}, files, pid)
         if not overwrite:
-            raise OutputError(f"{out.display} already holds a complete model from a different recipe or plan; pass --overwrite to replace it, or choose another output")
+            raise OutputError(
+                f"{out.display} already holds a complete model from a different recipe or plan; pass --overwrite to replace it, or choose another output"
+            )
     elif STATE_DIR in files:
         state = _state(out)
         if state is not None and state.get("plan_id") != pid and not overwrite:
-            raise OutputError(f"{out.display} holds an unfinished merge of a different recipe or plan; pass --overwrite to replace it, or choose another output")
+            raise OutputError(
+                f"{out.display} holds an unfinished merge of a different recipe or plan; pass --overwrite to replace it, or choose another output"
+            )
     elif files and not overwrite:
         shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "")
         raise OutputError(f"{out.display} is not empty ({shown}) and was not written by nyxray; pass --overwrite to write into it anyway")
@@ -222,7 +226,9 @@ def finalize(out: Location, stage: StagePlan, shards: dict[str, dict], pipeline_
         "plan_id": plan_id(stage),
         "recipe_sha256": stage.recipe.sha256,
         "shards": [dict(shards[s.name], name=s.name) for s in stage.shards],
-        "files": sorted(["config.json", *copied] + (["README.md", "mergekit_config.yml"] if write_model_card else []) + ([INDEX] if len(stage.shards) > 1 else [])),
+        "files": sorted(
+            ["config.json", *copied] + (["README.md", "mergekit_config.yml"] if write_model_card else []) + ([INDEX] if len(stage.shards) > 1 else [])
+        ),
     }
     out.remove_partial_writes()  # writers lost with their node left these; every unit is done now
     out.write_atomic(MANIFEST, json.dumps(manifest, indent=2).encode())

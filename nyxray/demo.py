@@ -19,5 +19,12 @@ def run_demo(workdir: str = "demo-out", executor: str = "ray") -> dict[str, Any]
     sources = os.path.join(workdir, "sources")
     if not all(os.path.exists(os.path.join(sources, name, "config.json")) for name in NYXENE_SOURCES):
         make_nyxene_sources(sources, ModelShape(hidden=128, intermediate=256, layers=32, vocab=9000), shard_bytes=3_000_000)
-    return merge(PIPELINE, os.path.join(workdir, "Nyxene-v2-11B"), models_root=sources, out_shard_size="6M", executor=executor,
-                 overwrite=True, report=os.path.join(workdir, "report.json"))
+    return merge(
+        PIPELINE,
+        os.path.join(workdir, "Nyxene-v2-11B"),
+        models_root=sources,
+        out_shard_size="6M",
+        executor=executor,
+        overwrite=True,
+        report=os.path.join(workdir, "report.json"),
+    )

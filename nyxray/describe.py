@@ -30,9 +30,11 @@ def plan_text(p: Plan) -> str:
     ops: dict[str, int] = {}
     for t in final.tensors:
         ops[t.op] = ops.get(t.op, 0) + 1
-    lines.append(f"output: {len(final.tensors)} tensors ({', '.join(f'{v} {k}' for k, v in sorted(ops.items()))}), "
-                 f"{len(final.shards)} shard(s), {human(final.bytes_written)} to write, "
-                 f"{final.config.get(final.donor.arch.layers_key)} layers, config and tokenizer from {final.donor.ref!r}")
+    lines.append(
+        f"output: {len(final.tensors)} tensors ({', '.join(f'{v} {k}' for k, v in sorted(ops.items()))}), "
+        f"{len(final.shards)} shard(s), {human(final.bytes_written)} to write, "
+        f"{final.config.get(final.donor.arch.layers_key)} layers, config and tokenizer from {final.donor.ref!r}"
+    )
     lines.append("shards:")
     for sh in final.shards:
         lines.append(f"  {sh.name}: {len(sh.tensors)} tensors, {human(sh.size)}  ({sh.tensors[0].name} .. {sh.tensors[-1].name})")
@@ -105,17 +107,19 @@ def report_text(r: dict[str, Any]) -> str:
     lines = [
         f"merged into {r['output']} in {r['wall_s']:.1f}s: {r['shards']} shard(s), {r['tensors']} tensors"
         + (f", {r['shards_reused']} shard(s) reused" if r.get("shards_reused") else ""),
-        f"read {human(r['bytes_read'])} (plan minimum {human(r['bytes_read_min'])} + headers), wrote {human(r['bytes_written'])}, "
-        f"{r['throughput_mb_s']} MB/s",
+        f"read {human(r['bytes_read'])} (plan minimum {human(r['bytes_read_min'])} + headers), wrote {human(r['bytes_written'])}, {r['throughput_mb_s']} MB/s",
     ]
     lines.append(f"executor: {r['executor']['name']} ({r['executor']['why']})")
     t = r["timings_s"]
-    lines.append(f"time: plan {t['plan']:.1f}s, start-up {t['start']:.1f}s, run {t['run']:.1f}s "
-                 f"({r['steady_throughput_mb_s']} MB/s), commit {t['commit']:.1f}s")
+    lines.append(
+        f"time: plan {t['plan']:.1f}s, start-up {t['start']:.1f}s, run {t['run']:.1f}s ({r['steady_throughput_mb_s']} MB/s), commit {t['commit']:.1f}s"
+    )
     for a in r.get("actors", []):
         if a["units"]:
-            lines.append(f"  actor {a['actor']} on {str(a['node_id'])[:12]} ({a['device']}): {a['units']} shard(s), "
-                         f"read {human(a['bytes_read'])}, wrote {human(a['bytes_written'])}, busy {a['busy_s']:.1f}s")
+            lines.append(
+                f"  actor {a['actor']} on {str(a['node_id'])[:12]} ({a['device']}): {a['units']} shard(s), "
+                f"read {human(a['bytes_read'])}, wrote {human(a['bytes_written'])}, busy {a['busy_s']:.1f}s"
+            )
     for w in r.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)

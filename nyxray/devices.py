@@ -39,7 +39,9 @@ def check_cluster_cuda(device: str, cluster_gpus: float, actor_gpus: float | Non
     """Raise a :class:`NyxrayError` when a Ray merge asks for ``device`` (CUDA) on a cluster with no
     GPU, unless each actor explicitly asks for GPUs (``actor_gpus``: an autoscaler may add them)."""
     if cluster_gpus <= 0 and not actor_gpus:
-        raise NyxrayError(f"device {device!r}: no CUDA device in the Ray cluster (it has no GPU); use --device cpu or auto, or --actor-gpus N on a cluster that can add GPU nodes")
+        raise NyxrayError(
+            f"device {device!r}: no CUDA device in the Ray cluster (it has no GPU); use --device cpu or auto, or --actor-gpus N on a cluster that can add GPU nodes"
+        )
 
 
 def check_device(device: str, executor: str, address: str | None = None, actor_gpus: float | None = None) -> None:

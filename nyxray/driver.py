@@ -81,10 +81,23 @@ def make_units(targets: list[Target], overwrite: bool, share_reads: bool) -> lis
     return list(groups.values())
 
 
-def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor: str, progress: bool, copy_tokenizer: bool,
-                write_model_card: bool, share_reads: bool = False, address: str | None = None, actors: int | None = None,
-                actor_cpus: float = 1.0, actor_gpus: float | None = None, keep_actors: float = 0.0, unit_size: int | str | None = None
-                ) -> tuple[list[dict], dict[str, float], dict[str, str]]:
+def run_targets(
+    targets: list[Target],
+    *,
+    device: str,
+    overwrite: bool,
+    executor: str,
+    progress: bool,
+    copy_tokenizer: bool,
+    write_model_card: bool,
+    share_reads: bool = False,
+    address: str | None = None,
+    actors: int | None = None,
+    actor_cpus: float = 1.0,
+    actor_gpus: float | None = None,
+    keep_actors: float = 0.0,
+    unit_size: int | str | None = None,
+) -> tuple[list[dict], dict[str, float], dict[str, str]]:
     """Run and commit every target; returns the per-worker summaries, the phase timings and the
     executor that ran (``name`` and ``why``: ``auto`` picks Ray only when a cluster is named).
 
@@ -126,8 +139,9 @@ def run_targets(targets: list[Target], *, device: str, overwrite: bool, executor
             else:
                 from .execute.ray_exec import execute as run_ray
 
-                workers = run_ray(units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus,
-                                   keep_actors=keep_actors)
+                workers = run_ray(
+                    units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus, keep_actors=keep_actors
+                )
         except BaseException:
             assemblies.abort()  # S3: no pending upload left; locally the parts stay for a resume
             raise

@@ -11,7 +11,7 @@ else raises instead of guessing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .safetensors_io import DTYPES
 from .storage import Location
@@ -35,13 +35,19 @@ class Leaf:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Leaf) and (self.loc.display, self.file, self.start, self.end, self.dtype, self.shape) == (
-            other.loc.display, other.file, other.start, other.end, other.dtype, other.shape)
+            other.loc.display,
+            other.file,
+            other.start,
+            other.end,
+            other.dtype,
+            other.shape,
+        )
 
     @property
     def key(self) -> tuple[str, str, int, int]:
         return (self.loc.display, self.file, self.start, self.end)
 
-    def leaves(self) -> list["Leaf"]:
+    def leaves(self) -> list[Leaf]:
         return [self]
 
     def sig(self) -> str:
@@ -52,7 +58,7 @@ class Leaf:
 class Cast:
     """``child`` converted to ``dtype`` (round to nearest even, as torch's ``.to``)."""
 
-    child: "Expr"
+    child: Expr
     dtype: str
 
     @property
@@ -77,7 +83,7 @@ class Merge:
     """
 
     method: str
-    inputs: tuple["Expr", ...]
+    inputs: tuple[Expr, ...]
     base: int | None
     params: tuple[tuple[str, Any], ...]
     per_input: tuple[tuple[str, tuple[Any, ...]], ...]
@@ -97,7 +103,7 @@ class Merge:
         return f"M({self.method},[{inputs}],base={self.base},{values},seed={self.seed},{self.dtype})"
 
 
-Expr = Union[Leaf, Cast, Merge]
+Expr = Leaf | Cast | Merge
 NODES = (Leaf, Cast, Merge)
 
 

@@ -86,8 +86,9 @@ class Lease:
     def _body(self) -> bytes:
         now = time.time()
         self.pending_expiry = now + self.ttl
-        return json.dumps({"holder": self.holder, **self.process, "renewed": now, "expires": self.pending_expiry, "ttl": self.ttl,
-                           "nyxray_version": __version__}).encode()
+        return json.dumps(
+            {"holder": self.holder, **self.process, "renewed": now, "expires": self.pending_expiry, "ttl": self.ttl, "nyxray_version": __version__}
+        ).encode()
 
     def acquire(self) -> None:
         """Take the lease, or raise :class:`OutputError` naming the live holder."""
@@ -181,7 +182,7 @@ class Leases:
         for lease in self.leases:
             lease.check()
 
-    def __enter__(self) -> "Leases":
+    def __enter__(self) -> Leases:
         try:
             for lease in self.leases:
                 lease.acquire()
@@ -209,4 +210,3 @@ class Leases:
 def hold(locations: list[Location], ttl: float | None = None) -> Leases:
     """``with hold(locations) as leases:`` every location's lease, for the whole block."""
     return Leases(locations, ttl if ttl is not None else ttl_seconds())
-

@@ -41,8 +41,17 @@ class PartUploader:
     Every part but the last of the run is ``part_size`` bytes.
     """
 
-    def __init__(self, fs: Any, path: str, part_size: int, url: str, options: dict[str, Any], concurrency: int = CONCURRENCY,
-                 upload_id: str | None = None, first_number: int = 1):
+    def __init__(
+        self,
+        fs: Any,
+        path: str,
+        part_size: int,
+        url: str,
+        options: dict[str, Any],
+        concurrency: int = CONCURRENCY,
+        upload_id: str | None = None,
+        first_number: int = 1,
+    ):
         self.fs, self.path, self.url, self.options = fs, path, url, options
         self.bucket, self.key, _ = fs.split_path(path)
         self.part_size = max(part_size, MIN_PART)

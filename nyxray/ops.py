@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -19,14 +19,25 @@ from .methods.base import Group
 
 # safetensors dtype name -> torch dtype
 TORCH_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
-    "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
-    "U32": torch.uint32, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "U64": torch.uint64,
 }
 CHUNK = 1 << 20
 EPS = 1e-8
 COLINEAR = 0.9995
-
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype) -> torch.Tensor:
@@ -82,7 +93,7 @@ class _Buffers:
         self._bufs: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def get(cls, work: torch.dtype, device: torch.device) -> "_Buffers":
+    def get(cls, work: torch.dtype, device: torch.device) -> _Buffers:
         pools = cls._local.__dict__.setdefault("pools", {})
         key = (work, str(device))
         if key not in pools:

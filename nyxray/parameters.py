@@ -11,8 +11,9 @@ a list of booleans is not interpolated: it selects the element at ``floor(t * (n
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .recipe import Setting
 

@@ -126,7 +126,7 @@ class PartJob:
     upload_id: str = ""
     first_number: int = 0
 
-    def open(self, out: Location, name: str) -> "LocalPartWriter | S3PartWriter":
+    def open(self, out: Location, name: str) -> LocalPartWriter | S3PartWriter:
         if self.upload_id:
             return S3PartWriter(out, name, self)
         return LocalPartWriter(out, self.file, self.part.start)

@@ -217,7 +217,9 @@ def _check_slices(recipe: Recipe, method: Method, slices: tuple[Slice, ...], mod
             start, end = src.layer_range  # type: ignore[misc]
             n = models[src.model].num_layers
             if end > n:
-                raise RecipeError(f"{src.path}.layer_range", f"[{start}, {end}] is beyond model {src.model!r}, which has {n} layers (0..{n - 1}; the range is half-open)", o)
+                raise RecipeError(
+                    f"{src.path}.layer_range", f"[{start}, {end}] is beyond model {src.model!r}, which has {n} layers (0..{n - 1}; the range is half-open)", o
+                )
             lengths.add(end - start)
         if len(lengths) > 1:
             raise RecipeError(f"{sl.path}.sources", f"all sources of a slice must have the same number of layers, got {sorted(lengths)}", o)
@@ -396,9 +398,14 @@ def _one(st: _Stage, p: Param, levels: list, tensor_name: str, pos: float, where
     r = resolve(p.name, levels, tensor_name, pos, p.kind)
     if r is None:
         if p.required:
-            hint = "; the base_model is merged as one more input here: list it under models: with its own parameters" if where == "base_model.parameters" else ""
-            raise RecipeError(f"{where}.{p.name}", f"missing required parameter {p.name} for {what} ({st.method.name}: no setting, and no filter matches it){hint}",
-                              st.recipe.origin)
+            hint = (
+                "; the base_model is merged as one more input here: list it under models: with its own parameters" if where == "base_model.parameters" else ""
+            )
+            raise RecipeError(
+                f"{where}.{p.name}",
+                f"missing required parameter {p.name} for {what} ({st.method.name}: no setting, and no filter matches it){hint}",
+                st.recipe.origin,
+            )
         return p.default, "default"
     problem = p.problem(r.value)
     if problem:
@@ -414,9 +421,11 @@ def _check_weight_sum(st: _Stage, shared: dict, per_input: dict, shown: list, ou
         return
     if abs(sum(per_input["weight"])) < 1e-8:
         paths = sorted({where for label, _, where in shown if label.startswith("weight[")})
-        raise RecipeError(paths[0] if paths else "parameters.weight",
-                          f"the weights of {out} sum to 0 and {st.method.name} normalizes by their sum ({', '.join(paths)}); "
-                          "change a weight or set normalize: false", st.recipe.origin)
+        raise RecipeError(
+            paths[0] if paths else "parameters.weight",
+            f"the weights of {out} sum to 0 and {st.method.name} normalizes by their sum ({', '.join(paths)}); change a weight or set normalize: false",
+            st.recipe.origin,
+        )
 
 
 def _plan_tensor(st: _Stage, w: _Want, have: list[_Input], copied: bool) -> PlannedTensor:
@@ -436,13 +445,18 @@ def _plan_tensor(st: _Stage, w: _Want, have: list[_Input], copied: bool) -> Plan
         raise ModelError(f"{st.recipe.origin}: {w.out}: {err}; set dtype: in the recipe") from None
     seed = tensor_seed(st.random_seed, w.out) if m.random else None
     result = promote([dtype, "F32"]) if m.float32_result else dtype
-    node = Merge(m.name, tuple(cast(e, dtype) for e in exprs), base, tuple(shared.items()),
-                 tuple((k, tuple(v)) for k, v in per_input.items()), seed, result)
+    node = Merge(m.name, tuple(cast(e, dtype) for e in exprs), base, tuple(shared.items()), tuple((k, tuple(v)) for k, v in per_input.items()), seed, result)
     return PlannedTensor(w.out, cast(node, st.out_dtype), m.name, tuple(shown))
 
 
-def plan_stage(recipe: Recipe, models: dict[str, Model], out_shard_size: int, allow_crimes: bool = False,
-               unsafe_truncate_embeddings: bool = False, random_seed: int | None = None) -> StagePlan:
+def plan_stage(
+    recipe: Recipe,
+    models: dict[str, Model],
+    out_shard_size: int,
+    allow_crimes: bool = False,
+    unsafe_truncate_embeddings: bool = False,
+    random_seed: int | None = None,
+) -> StagePlan:
     """Plan one recipe whose model references are all keys of ``models``.
 
     ``random_seed`` (else the recipe's ``random_seed``, else 0) seeds random methods' draws.
@@ -488,7 +502,9 @@ def _warn_unmatched_filters(recipe: Recipe, slices: tuple[Slice, ...], names: li
                 for i, cond in enumerate(setting):
                     flt = cond["filter"]
                     if flt is not None and not any(filter_matches(flt, n) for n in names):
-                        warnings.append(f"{recipe.origin}: {path}.{pname}[{i}]: filter {flt!r} matches no tensor (a plain substring of tensor names); those tensors get a later rule")
+                        warnings.append(
+                            f"{recipe.origin}: {path}.{pname}[{i}]: filter {flt!r} matches no tensor (a plain substring of tensor names); those tensors get a later rule"
+                        )
 
 
 def layout_shards(tensors: list[PlannedTensor], out_shard_size: int) -> list[ShardPlan]:
@@ -575,7 +591,11 @@ def plan(
                 except NyxrayError as e:
                     hint = did_you_mean(ref, stage_names) if stage_names else ""
                     if hint:
-                        raise RecipeError(path, f"model {ref!r} is neither a stage of this pipeline nor a model that can be found{hint}; stages: {', '.join(stage_names)}", recipe.origin) from None
+                        raise RecipeError(
+                            path,
+                            f"model {ref!r} is neither a stage of this pipeline nor a model that can be found{hint}; stages: {', '.join(stage_names)}",
+                            recipe.origin,
+                        ) from None
                     raise RecipeError(path, str(e), recipe.origin) from None
             models[ref] = sources[ref]
         st = plan_stage(recipe, models, size, allow_crimes, unsafe_truncate_embeddings, random_seed)

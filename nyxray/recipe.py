@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -20,7 +20,7 @@ from .errors import RecipeError, did_you_mean
 from .methods.registry import METHODS, unknown_method_hint
 from .safetensors_io import RECIPE_DTYPES
 
-Scalar = Union[float, int, bool, str]
+Scalar = float | int | bool | str
 # A setting as written: a scalar, a gradient list, or a list of {filter, value} conditionals.
 Setting = Any
 
@@ -235,7 +235,9 @@ def parse_recipe(doc: Any, text: str, origin: str = "<recipe>") -> Recipe:
             _check_keys(m, MODEL_KEYS, p, origin)
             if "model" not in m:
                 raise RecipeError(f"{p}.model", "is required", origin)
-            ms.append(Source(_model_ref(m["model"], f"{p}.model", origin), None, _parameters(m.get("parameters"), method, "source", f"{p}.parameters", origin), p))
+            ms.append(
+                Source(_model_ref(m["model"], f"{p}.model", origin), None, _parameters(m.get("parameters"), method, "source", f"{p}.parameters", origin), p)
+            )
         models = tuple(ms)
 
     if METHODS[method].base == "required" and base is None:
@@ -282,7 +284,7 @@ def _split_documents(text: str) -> list[str]:
         else:
             current.append(line)
     docs.append("".join(current))
-    return [d for d in docs if d.strip() and not all(l.strip().startswith("#") or not l.strip() for l in d.splitlines())]
+    return [d for d in docs if d.strip() and not all(line.strip().startswith("#") or not line.strip() for line in d.splitlines())]
 
 
 # What loading hostile YAML can raise: PyYAML's errors, RecursionError (nesting deeper than its
@@ -345,7 +347,7 @@ def parse_pipeline(text: str, origin: str = "<recipe>") -> list[Recipe]:
     return recipes
 
 
-def load_pipeline(recipe: "str | os.PathLike[str] | Recipe | list[Recipe]") -> list[Recipe]:
+def load_pipeline(recipe: str | os.PathLike[str] | Recipe | list[Recipe]) -> list[Recipe]:
     """Accept a path, YAML text, a Recipe or a list of them (the public API's ``recipe`` argument)."""
     if isinstance(recipe, Recipe):
         return [recipe]

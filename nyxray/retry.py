@@ -10,7 +10,8 @@ import os
 import random
 import re
 import time
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from .errors import StorageError
 
@@ -49,7 +50,9 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionRefusedError) or "Could not connect to the endpoint" in text:
         return False  # nothing listens there; the backend already retried
     return isinstance(exc, (OSError, TimeoutError, ConnectionError)) or bool(
-        re.search(r"SlowDown|ServiceUnavailable|InternalError|RequestTimeout|Throttl|5\d\d|Connection|reset|timed out|ClientPayloadError|ServerDisconnected", text)
+        re.search(
+            r"SlowDown|ServiceUnavailable|InternalError|RequestTimeout|Throttl|5\d\d|Connection|reset|timed out|ClientPayloadError|ServerDisconnected", text
+        )
     )
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import fsspec
 
@@ -71,7 +72,7 @@ class Location:
     def url(self, name: str) -> str:
         return f"{self.display}/{name}" if name else self.display
 
-    def child(self, name: str) -> "Location":
+    def child(self, name: str) -> Location:
         return Location(self.protocol, self.path(name), self.options, self.url(name))
 
     # -- reads ---------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ class Location:
         return with_retries(ls, self.url(name), self.options)
 
     # -- writes --------------------------------------------------------------------------------
-    def open_atomic(self, name: str, part_size: int | None = None) -> "AtomicWriter":
+    def open_atomic(self, name: str, part_size: int | None = None) -> AtomicWriter:
         """A writer for ``name``. Multipart uploads use ``part_size`` bytes per part, else the
         ``default_block_size`` storage option, else 16 MiB."""
         return AtomicWriter(self, name, part_size or int(self.options.get("default_block_size", DEFAULT_PART)))
@@ -150,6 +151,7 @@ class Location:
 
     def delete_tree(self, name: str) -> None:
         """Remove ``name`` and everything under it (nothing when absent)."""
+
         def rm() -> None:
             try:
                 self.fs.rm(self.path(name), recursive=True)

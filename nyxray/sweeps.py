@@ -200,17 +200,33 @@ def expand(text: str, origin: str = "<sweep>") -> dict[str, list[Recipe] | Nyxra
     return members
 
 
-def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: int | str = "5B", models: dict[str, str] | None = None,
-              models_root: str | None = None, storage_options: dict[str, Any] | None = None, allow_crimes: bool = False,
-              unsafe_truncate_embeddings: bool = False, report: str | None = None, random_seed: int | None = None,
-              **execution: Any) -> dict[str, Any]:
+def run_sweep(
+    sweep: str,
+    out: str,
+    *,
+    fail_fast: bool = False,
+    out_shard_size: int | str = "5B",
+    models: dict[str, str] | None = None,
+    models_root: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    allow_crimes: bool = False,
+    unsafe_truncate_embeddings: bool = False,
+    report: str | None = None,
+    random_seed: int | None = None,
+    **execution: Any,
+) -> dict[str, Any]:
     """Run a sweep file into ``out`` (member ``M`` at ``out/M``); returns the sweep report.
 
     ``random_seed`` seeds every member's random methods (default: each recipe's, else 0).
     """
     started = time.monotonic()
-    check_execution(execution.get("device", "auto"), execution.get("executor", "auto"), execution.get("actors"), execution.get("keep_actors", 0.0),
-                    execution.get("unit_size"))
+    check_execution(
+        execution.get("device", "auto"),
+        execution.get("executor", "auto"),
+        execution.get("actors"),
+        execution.get("keep_actors", 0.0),
+        execution.get("unit_size"),
+    )
     parse_size(out_shard_size)
     sweep = os.fspath(sweep)
     if "\n" not in sweep and (sweep.endswith((".yml", ".yaml")) or os.path.exists(sweep)):
@@ -230,8 +246,7 @@ def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: 
         try:
             if isinstance(recipes, NyxrayError):
                 raise recipes
-            plans[name] = make_plan(recipes, resolver, out_shard_size, allow_crimes, unsafe_truncate_embeddings, model_cache=cache,
-                                    random_seed=random_seed)
+            plans[name] = make_plan(recipes, resolver, out_shard_size, allow_crimes, unsafe_truncate_embeddings, model_cache=cache, random_seed=random_seed)
         except NyxrayError as e:
             if fail_fast:
                 raise NyxrayError(f"sweep member {name!r}: {e}") from None
@@ -267,4 +282,3 @@ def run_sweep(sweep: str, out: str, *, fail_fast: bool = False, out_shard_size: 
     }
     write_report(result, report)
     return result
-

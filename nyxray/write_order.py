@@ -13,7 +13,7 @@ and the same walk, from the behaviour observed on mergekit 0.1.5's outputs (see
 from __future__ import annotations
 
 import heapq
-from typing import Sequence
+from collections.abc import Sequence
 
 # Task priorities (smaller runs first among equal labels).
 _LOAD, _GATHER, _MERGE, _SAVE, _WRITER, _FINAL, _ROOT = 1000, 10, 0, -1000, -10000, 0, 0

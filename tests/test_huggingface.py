@@ -68,8 +68,14 @@ def test_pinned_revision_reads_that_snapshot_not_main(two_snapshots, nyxene_sour
     pinned, main, old = (str(tmp_path / n) for n in ("pinned", "main", "old"))
     nyxray.merge(recipe, pinned, executor="local", out_shard_size="6M", progress=False)
     nyxray.merge(recipe.replace(f"@{OLD}", ""), main, executor="local", out_shard_size="6M", progress=False)
-    nyxray.merge(recipe.replace(f"@{OLD}", ""), old, models={una: os.path.join(nyxene_sources, "chargoddard/loyal-piano-m7-cdpo")},
-                 executor="local", out_shard_size="6M", progress=False)
+    nyxray.merge(
+        recipe.replace(f"@{OLD}", ""),
+        old,
+        models={una: os.path.join(nyxene_sources, "chargoddard/loyal-piano-m7-cdpo")},
+        executor="local",
+        out_shard_size="6M",
+        progress=False,
+    )
     assert hashes(pinned) == hashes(old) != hashes(main)
 
 

@@ -34,8 +34,17 @@ def merge(out: str, src: str, **kw):
 
 def foreign_lease(expires_in: float) -> bytes:
     now = time.time()
-    return json.dumps({"holder": "elsewhere pid 4242 run feedface", "host": "elsewhere", "pid": 4242, "pidns": "",
-                       "renewed": now - 10, "expires": now + expires_in, "ttl": 120}).encode()
+    return json.dumps(
+        {
+            "holder": "elsewhere pid 4242 run feedface",
+            "host": "elsewhere",
+            "pid": 4242,
+            "pidns": "",
+            "renewed": now - 10,
+            "expires": now + expires_in,
+            "ttl": 120,
+        }
+    ).encode()
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +60,23 @@ def s3_src(s3_server, nyxene_sources):
 
 def test_second_local_merge_stops_at_once_naming_output_and_holder(nyxene_sources, tmp_path):
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "nyxray.cli", "merge", STAGE1A, out, "--models-root", nyxene_sources, "--executor", "local",
-           "--device", "cpu", "--out-shard-size", "300K", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nyxray.cli",
+        "merge",
+        STAGE1A,
+        out,
+        "--models-root",
+        nyxene_sources,
+        "--executor",
+        "local",
+        "--device",
+        "cpu",
+        "--out-shard-size",
+        "300K",
+        "--quiet",
+    ]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -80,8 +104,7 @@ def test_second_s3_merge_stops_at_once(s3_server, s3_src, s3_bucket):
     out = f"s3://{s3_bucket}/out"
     with hold([location(out, opts)]) as held:
         with pytest.raises(OutputError, match=rf"{out} is being written by another nyxray run \({held.leases[0].holder}"):
-            nyxray.merge(STAGE1A, out, models_root=s3_src, storage_options=opts, executor="local", device="cpu", out_shard_size=SHARD,
-                         progress=False)
+            nyxray.merge(STAGE1A, out, models_root=s3_src, storage_options=opts, executor="local", device="cpu", out_shard_size=SHARD, progress=False)
     fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
     assert fs.ls(f"{s3_bucket}/out") if fs.exists(f"{s3_bucket}/out") else [] == []  # lease released, nothing else written
     nyxray.merge(STAGE1A, out, models_root=s3_src, storage_options=opts, executor="local", device="cpu", out_shard_size=SHARD, progress=False)
@@ -172,8 +195,23 @@ def test_live_foreign_lease_blocks_and_a_dead_local_holder_does_not(nyxene_sourc
 def test_a_run_that_lost_its_lease_does_not_commit(nyxene_sources, tmp_path):
     out = str(tmp_path / "out")
     env = dict(os.environ, NYXRAY_LEASE_TTL="2")
-    cmd = [sys.executable, "-m", "nyxray.cli", "merge", STAGE1A, out, "--models-root", nyxene_sources, "--executor", "local",
-           "--device", "cpu", "--out-shard-size", "300K", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nyxray.cli",
+        "merge",
+        STAGE1A,
+        out,
+        "--models-root",
+        nyxene_sources,
+        "--executor",
+        "local",
+        "--device",
+        "cpu",
+        "--out-shard-size",
+        "300K",
+        "--quiet",
+    ]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 60

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 import nyxray
 from nyxray.cli import main as cli
 from nyxray.execute.runtime import pool_settings
-from tests.golden import cases as G
 from nyxray.ops import slerp
+from tests.golden import cases as G
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(REPO, "recipes")
@@ -152,12 +152,21 @@ def test_units_in_parallel_write_the_bytes_of_one_unit_at_a_time(tmp_path):
 
 def test_fused_pipeline_equals_stages_run_one_by_one(nyxene_sources, stage1, tmp_path):
     staged = str(tmp_path / "staged")
-    nyxray.merge(SLERP, staged, models={"loyal-piano-cybertron-11B": stage1[0], "Starling-NeuralHermes-11B": stage1[1]},
-                 executor="local", out_shard_size="6M", progress=False)
+    nyxray.merge(
+        SLERP,
+        staged,
+        models={"loyal-piano-cybertron-11B": stage1[0], "Starling-NeuralHermes-11B": stage1[1]},
+        executor="local",
+        out_shard_size="6M",
+        progress=False,
+    )
     fused, inter = str(tmp_path / "fused"), str(tmp_path / "inter")
     report = nyxray.merge(PIPELINE, fused, models_root=nyxene_sources, executor="local", out_shard_size="6M", progress=False)
     assert shard_hashes(fused) == shard_hashes(staged)
-    assert json.load(open(os.path.join(fused, "model.safetensors.index.json")))["weight_map"] == json.load(open(os.path.join(staged, "model.safetensors.index.json")))["weight_map"]
+    assert (
+        json.load(open(os.path.join(fused, "model.safetensors.index.json")))["weight_map"]
+        == json.load(open(os.path.join(staged, "model.safetensors.index.json")))["weight_map"]
+    )
     # one pass over the sources: every needed byte once, nothing more; no intermediate written
     assert report["bytes_read_tensors"] == report["bytes_read_min"]
     assert sorted(os.listdir(tmp_path)) == ["fused", "staged"]
@@ -168,8 +177,7 @@ def test_fused_pipeline_equals_stages_run_one_by_one(nyxene_sources, stage1, tmp
     moved = report["bytes_read_tensors"] + report["bytes_written"]
     assert report["steady_throughput_mb_s"] == pytest.approx(moved / phases["run"] / 1e6, rel=0.01, abs=0.2)
     # with --intermediates the stages are written too, identical to running them alone
-    nyxray.merge(PIPELINE, str(tmp_path / "fused2"), models_root=nyxene_sources, executor="local", out_shard_size="6M",
-                 intermediates=inter, progress=False)
+    nyxray.merge(PIPELINE, str(tmp_path / "fused2"), models_root=nyxene_sources, executor="local", out_shard_size="6M", intermediates=inter, progress=False)
     assert shard_hashes(os.path.join(inter, "loyal-piano-cybertron-11B")) == shard_hashes(stage1[0])
     assert shard_hashes(os.path.join(inter, "Starling-DPOHermes-11B")) == shard_hashes(stage1[1])
 
@@ -191,8 +199,21 @@ def test_sigkill_midway_then_resume_is_identical_and_reads_less(nyxene_sources, 
     ref = str(tmp_path / "ref")
     fresh = nyxray.merge(PIPELINE, ref, models_root=nyxene_sources, executor="local", out_shard_size="300K", progress=False)
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "nyxray.cli", "merge", PIPELINE, out, "--models-root", nyxene_sources, "--executor", "local",
-           "--out-shard-size", "300K", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nyxray.cli",
+        "merge",
+        PIPELINE,
+        out,
+        "--models-root",
+        nyxene_sources,
+        "--executor",
+        "local",
+        "--out-shard-size",
+        "300K",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = os.path.join(out, ".nyxray", "shards")
     deadline = time.monotonic() + 60
@@ -244,10 +265,16 @@ def test_different_recipe_into_existing_output_is_refused(stage1, nyxene_sources
 def test_plan_shows_stages_fusion_shards_reads_and_t(nyxene_sources, capsys):
     assert cli(["plan", PIPELINE, "--models-root", nyxene_sources, "--out-shard-size", "6M"]) == 0
     text = capsys.readouterr().out
-    for needle in ("loyal-piano-cybertron-11B: passthrough", "fused:  read 37.6 MB, write 18.8 MB", "staged: read 75.2 MB, write 56.5 MB",
-                   "model-00004-of-00004.safetensors", "fblgit/una-cybertron-7b-v2: 9.4 MB",
-                   "model.layers.*.self_attn.q_proj.weight: t = 0.25 .. 0.75 (varies by layer)  [parameters.t[2]]",
-                   "model.norm.weight: t = 0.5  [parameters.t[6]]", "filter 'modelnorm' matches no tensor"):
+    for needle in (
+        "loyal-piano-cybertron-11B: passthrough",
+        "fused:  read 37.6 MB, write 18.8 MB",
+        "staged: read 75.2 MB, write 56.5 MB",
+        "model-00004-of-00004.safetensors",
+        "fblgit/una-cybertron-7b-v2: 9.4 MB",
+        "model.layers.*.self_attn.q_proj.weight: t = 0.25 .. 0.75 (varies by layer)  [parameters.t[2]]",
+        "model.norm.weight: t = 0.5  [parameters.t[6]]",
+        "filter 'modelnorm' matches no tensor",
+    ):
         assert needle in text, needle
 
 
@@ -262,12 +289,29 @@ def test_auto_runs_in_process_without_ray_and_says_why(stage1, tmp_path):
     """With no cluster named, the default executor runs here: Ray is never imported (its import and
     start-up cost seconds), and the report and the CLI summary say which executor ran and why."""
     out = str(tmp_path / "out")
-    code = ("import json, sys; from nyxray.cli import main; rc = main(sys.argv[1:]); "
-            "print(json.dumps({'rc': rc, 'ray': 'ray' in sys.modules}))")
+    code = "import json, sys; from nyxray.cli import main; rc = main(sys.argv[1:]); print(json.dumps({'rc': rc, 'ray': 'ray' in sys.modules}))"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
-    run = subprocess.run([sys.executable, "-c", code, "merge", SLERP, out, "--model", f"loyal-piano-cybertron-11B={stage1[0]}",
-                          "--model", f"Starling-NeuralHermes-11B={stage1[1]}", "--quiet", "--report", str(tmp_path / "r.json")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "merge",
+            SLERP,
+            out,
+            "--model",
+            f"loyal-piano-cybertron-11B={stage1[0]}",
+            "--model",
+            f"Starling-NeuralHermes-11B={stage1[1]}",
+            "--quiet",
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert json.loads(lines[-1]) == {"rc": 0, "ray": False}

@@ -19,8 +19,7 @@ from nyxray.methods._geometry import single_threaded
 from nyxray.methods.base import REQUIRED, Group
 
 
-def call(name: str, tensors: list[torch.Tensor], base: int | None, generator: torch.Generator | None = None,
-         **values: Any) -> torch.Tensor:
+def call(name: str, tensors: list[torch.Tensor], base: int | None, generator: torch.Generator | None = None, **values: Any) -> torch.Tensor:
     """Run a method as the planner would: values set here, the registry's defaults for the rest."""
     method = registry.get(name)
     assert method is not None
@@ -37,13 +36,11 @@ def call(name: str, tensors: list[torch.Tensor], base: int | None, generator: to
     return registry.function(method)(Group(list(tensors), base, params, per_input, generator))
 
 
-def models(shape: tuple[int, ...], count: int, dtype: torch.dtype = torch.float64, seed: int = 0,
-           noise: float = 0.05) -> list[torch.Tensor]:
+def models(shape: tuple[int, ...], count: int, dtype: torch.dtype = torch.float64, seed: int = 0, noise: float = 0.05) -> list[torch.Tensor]:
     """A base then count - 1 fine-tunes (base + noise * the base's scale * N(0, 1))."""
     g = torch.Generator().manual_seed(seed)
     base = 0.02 * torch.randn(shape, generator=g, dtype=torch.float64)
-    return [t.to(dtype) for t in [base] + [base + noise * 0.02 * torch.randn(shape, generator=g, dtype=torch.float64)
-                                           for _ in range(count - 1)]]
+    return [t.to(dtype) for t in [base] + [base + noise * 0.02 * torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(count - 1)]]
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +59,12 @@ def close(x: torch.Tensor, y: torch.Tensor, rel: float = 1e-10) -> bool:
 
 # --- model stock -------------------------------------------------------------------------------
 
+
 def model_stock_reference(base: torch.Tensor, tuned: list[torch.Tensor], rows: bool) -> torch.Tensor:
     """Model stock: ratio t = k cos / (1 + (k-1) cos), cos the mean pairwise cosine of the offsets."""
     k = len(tuned)
     flat = [(w - base).reshape(base.shape[0] if rows else 1, -1) for w in tuned]
-    pairs = [(a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)) for i, a in enumerate(flat) for b in flat[i + 1:]]
+    pairs = [(a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)) for i, a in enumerate(flat) for b in flat[i + 1 :]]
     cos = torch.stack(pairs).mean(0)
     ratio = k * cos / (1 + (k - 1) * cos)
     t = ratio.reshape(-1, *([1] * (base.dim() - 1))) if rows else float(ratio)
@@ -96,6 +94,7 @@ def test_model_stock_opposite_offsets_keep_the_base():
 
 
 # --- NuSLERP -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("weights", [[0.3, 0.7], [2.0, 1.0]])
 @pytest.mark.parametrize("with_base", [True, False])
@@ -139,6 +138,7 @@ def test_nuslerp_colinear_offsets_interpolate_linearly():
 
 EPS_SHIFT = 1e-6  # Multi-SLERP divides by |x| + eps (1e-8): directions move by about eps / |x|
 
+
 def test_multislerp_is_the_normalised_weighted_mean_direction_with_the_mean_norm():
     """Projecting the unit inputs on the plane tangent at their normalised weighted mean, the
     weighted tangents cancel exactly, so Multi-SLERP lands on that mean: direction
@@ -177,6 +177,7 @@ def test_multislerp_single_model_and_antipodes():
 
 # --- Karcher mean ------------------------------------------------------------------------------
 
+
 def test_karcher_of_two_is_the_geodesic_midpoint_with_the_mean_norm():
     _, a, b = models((20, 20), 3, seed=11)
     out = call("karcher", [a, b], None)
@@ -211,6 +212,7 @@ def test_karcher_zero_input_counts_in_the_scale_only():
 
 # --- NearSwap ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("t", [1e-4, 1e-3])
 def test_nearswap_rule(t):
     base, other = models((64, 64), 2, seed=15)
@@ -223,6 +225,7 @@ def test_nearswap_rule(t):
 
 
 # --- Arcee Fusion ------------------------------------------------------------------------------
+
 
 def arcee_reference(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Importance = |other - base| * KL(softmax(other) || softmax(base)) per row; keep the other
@@ -254,17 +257,16 @@ def test_arcee_fusion_samples_large_tensors_with_the_group_generator_only():
 
 # --- RAM, RAM+ ---------------------------------------------------------------------------------
 
+
 def sparse_task_vectors(count: int, n: int = 1500) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A base and fine-tunes whose task vectors are each nonzero on a random ~half of the elements."""
     g = torch.Generator().manual_seed(count)
     base = 0.02 * torch.randn(n, dtype=torch.float64, generator=g)
-    deltas = [0.001 * torch.randn(n, dtype=torch.float64, generator=g) * (torch.rand(n, dtype=torch.float64, generator=g) < 0.5)
-              for _ in range(count)]
+    deltas = [0.001 * torch.randn(n, dtype=torch.float64, generator=g) * (torch.rand(n, dtype=torch.float64, generator=g) < 0.5) for _ in range(count)]
     return base, [base + d for d in deltas]
 
 
-def ram_reference(base: torch.Tensor, tuned: list[torch.Tensor], eps: float, r: float | None = None,
-                  alpha: float = 0.0) -> torch.Tensor:
+def ram_reference(base: torch.Tensor, tuned: list[torch.Tensor], eps: float, r: float | None = None, alpha: float = 0.0) -> torch.Tensor:
     """Element by element: no touching model -> base; one -> its update (times its RAM+ factor);
     several -> the mean of their updates."""
     d = torch.stack([w - base for w in tuned])
@@ -308,10 +310,20 @@ def test_ram_base_alone_is_the_base():
 
 # --- result dtypes, threads --------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,extra", [
-    ("model_stock", {}), ("nuslerp", {"weight": [1.0, 1.0]}), ("multislerp", {"weight": [1.0, 1.0]}), ("karcher", {}),
-    ("nearswap", {"t": 1e-3}), ("ram", {}), ("arcee_fusion", {}), ("ramplus_tl", {}),
-])
+
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("model_stock", {}),
+        ("nuslerp", {"weight": [1.0, 1.0]}),
+        ("multislerp", {"weight": [1.0, 1.0]}),
+        ("karcher", {}),
+        ("nearswap", {"t": 1e-3}),
+        ("ram", {}),
+        ("arcee_fusion", {}),
+        ("ramplus_tl", {}),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_result_dtype_is_the_declared_one(name, extra, dtype):
     """The planner takes each output's dtype from the declaration: the inputs' dtype, or at least

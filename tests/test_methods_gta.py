@@ -56,6 +56,7 @@ def top_fraction(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 # --- deterministic methods against float64 references ------------------------------------------
 
+
 @pytest.mark.parametrize("normalize, lam", [(False, 1.0), (True, 0.6)])
 def test_task_arithmetic_is_base_plus_weighted_task_vectors(normalize: bool, lam: float) -> None:
     base, *tuned = models(4)
@@ -132,7 +133,7 @@ def test_breadcrumbs_drops_the_right_fraction_at_both_ends(density: float, gamma
     below = max(0, n - keep - top)  # density + gamma > 1: fewer outliers dropped
     order = sorted(range(n), key=lambda i: abs(delta.reshape(-1)[i].item()))
     kept = torch.zeros(n, dtype=torch.bool)
-    kept[order[below:below + keep]] = True
+    kept[order[below : below + keep]] = True
     assert torch.equal(out.reshape(-1) != 0, kept)
     torch.testing.assert_close(out.reshape(-1)[kept], delta.reshape(-1)[kept], rtol=0, atol=1e-15)
 

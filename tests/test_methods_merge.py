@@ -33,13 +33,13 @@ def models(tmp_path_factory) -> dict[str, str]:
 def ties(m: dict[str, str], method: str = "ties", density: str = "0.5", extra: str = "") -> str:
     return f"""\
 merge_method: {method}
-base_model: {m['base']}
+base_model: {m["base"]}
 models:
-  - model: {m['ft1']}
+  - model: {m["ft1"]}
     parameters: {{weight: 0.6, density: {density}}}
-  - model: {m['ft2']}
+  - model: {m["ft2"]}
     parameters: {{weight: 0.4, density: [0.3, 0.9]}}
-  - model: {m['ft3']}
+  - model: {m["ft3"]}
     parameters: {{weight: 0.2}}
 dtype: bfloat16
 {extra}"""
@@ -59,33 +59,68 @@ def tensors(out: str) -> dict[str, bytes]:
 def _errors(m: dict[str, str]) -> dict[str, tuple[str, str, type, list[str]]]:
     two = f"models:\n  - model: {m['ft1']}\n  - model: {m['ft2']}\n"
     return {
-        "a parameter the method does not take": (ties(m, extra="parameters: {t: 0.5}\n"), RecipeError, ["parameters.t", "ties takes no parameter 't'", "density"]),
-        "dare_ties without a base_model": (ties(m, "dare_ties").replace(f"base_model: {m['base']}\n", ""), RecipeError,
-                                           ["base_model", "dare_ties needs a base_model"]),
-        "nearswap with two other models": (f"merge_method: nearswap\nbase_model: {m['base']}\n{two}parameters: {{t: 0.01}}\n", RecipeError,
-                                           ["models", "nearswap takes exactly two sources", "got 3"]),
-        "arcee_fusion with the base alone": (f"merge_method: arcee_fusion\nbase_model: {m['base']}\nmodels:\n  - model: {m['base']}\n", RecipeError,
-                                             ["models", "arcee_fusion takes exactly two sources", "got 1"]),
+        "a parameter the method does not take": (
+            ties(m, extra="parameters: {t: 0.5}\n"),
+            RecipeError,
+            ["parameters.t", "ties takes no parameter 't'", "density"],
+        ),
+        "dare_ties without a base_model": (
+            ties(m, "dare_ties").replace(f"base_model: {m['base']}\n", ""),
+            RecipeError,
+            ["base_model", "dare_ties needs a base_model"],
+        ),
+        "nearswap with two other models": (
+            f"merge_method: nearswap\nbase_model: {m['base']}\n{two}parameters: {{t: 0.01}}\n",
+            RecipeError,
+            ["models", "nearswap takes exactly two sources", "got 3"],
+        ),
+        "arcee_fusion with the base alone": (
+            f"merge_method: arcee_fusion\nbase_model: {m['base']}\nmodels:\n  - model: {m['base']}\n",
+            RecipeError,
+            ["models", "arcee_fusion takes exactly two sources", "got 1"],
+        ),
         "density above 1": (ties(m, density="1.5"), RecipeError, ["models[0].parameters.density", "density=1.5 is out of range (0, 1]"]),
         "density 0 from a gradient": (ties(m, density="[0.0, 0.5]"), RecipeError, ["models[0].parameters.density", "density=0.0 is out of range"]),
-        "weights summing to 0 with normalize": (f"merge_method: linear\n{two}  - model: {m['ft3']}\nparameters:\n  weight: [{{filter: mlp, value: 0}}, {{value: 1}}]\n",
-                                                RecipeError, ["parameters.weight[0]", "sum to 0", "normalize: false"]),
-        "a required per-model parameter missing": (ties(m).replace("    parameters: {weight: 0.2}\n", ""), RecipeError,
-                                                   ["models[2].parameters.weight", "missing required parameter weight"]),
-        "della's density +/- epsilon outside (0, 1)": (ties(m, "della", density="0.1"), RecipeError,
-                                                       ["models[0].parameters", "density=0.1 with epsilon=0.15", "inside (0, 1)"]),
+        "weights summing to 0 with normalize": (
+            f"merge_method: linear\n{two}  - model: {m['ft3']}\nparameters:\n  weight: [{{filter: mlp, value: 0}}, {{value: 1}}]\n",
+            RecipeError,
+            ["parameters.weight[0]", "sum to 0", "normalize: false"],
+        ),
+        "a required per-model parameter missing": (
+            ties(m).replace("    parameters: {weight: 0.2}\n", ""),
+            RecipeError,
+            ["models[2].parameters.weight", "missing required parameter weight"],
+        ),
+        "della's density +/- epsilon outside (0, 1)": (
+            ties(m, "della", density="0.1"),
+            RecipeError,
+            ["models[0].parameters", "density=0.1 with epsilon=0.15", "inside (0, 1)"],
+        ),
         "a boolean given a number": (ties(m, extra="parameters: {normalize: 0.5}\n"), RecipeError, ["parameters.normalize", "must be bool"]),
-        "models whose tensor shapes differ": (f"merge_method: linear\nmodels:\n  - model: {m['ft1']}\n    parameters: {{weight: 1}}\n"
-                                              f"  - model: {m['wide']}\n    parameters: {{weight: 1}}\n", ModelError,
-                                              ["tensor size mismatch for model.layers", "[128, 64]", "[160, 64]"]),
+        "models whose tensor shapes differ": (
+            f"merge_method: linear\nmodels:\n  - model: {m['ft1']}\n    parameters: {{weight: 1}}\n  - model: {m['wide']}\n    parameters: {{weight: 1}}\n",
+            ModelError,
+            ["tensor size mismatch for model.layers", "[128, 64]", "[160, 64]"],
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["a parameter the method does not take", "dare_ties without a base_model", "nearswap with two other models",
-                                  "arcee_fusion with the base alone", "density above 1", "density 0 from a gradient",
-                                  "weights summing to 0 with normalize", "a required per-model parameter missing", "a boolean given a number",
-                                  "della's density +/- epsilon outside (0, 1)",
-                                  "models whose tensor shapes differ"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "a parameter the method does not take",
+        "dare_ties without a base_model",
+        "nearswap with two other models",
+        "arcee_fusion with the base alone",
+        "density above 1",
+        "density 0 from a gradient",
+        "weights summing to 0 with normalize",
+        "a required per-model parameter missing",
+        "a boolean given a number",
+        "della's density +/- epsilon outside (0, 1)",
+        "models whose tensor shapes differ",
+    ],
+)
 def test_bad_method_recipes_fail_at_plan_time_naming_the_key(case, models, tmp_path):
     text, kind, needles = _errors(models)[case]
     out = tmp_path / "out"
@@ -111,7 +146,7 @@ def test_dare_bytes_do_not_depend_on_shard_size_worker_or_order(models, tmp_path
 
 
 def test_dare_on_ray_equals_in_process(models, tmp_path, ray_cluster):
-    text = ties(models, "della", extra="parameters: {epsilon: 0.1}\n")
+    text = ties(models, "della", extra="parameters: {epsilon: 0.05}\n")
     nyxray.merge(text, str(tmp_path / "local"), executor="local", progress=False, out_shard_size="400K")
     nyxray.merge(text, str(tmp_path / "ray"), executor="ray", progress=False, actors=2, out_shard_size="150K")
     assert tensors(str(tmp_path / "local")) == tensors(str(tmp_path / "ray"))
@@ -172,9 +207,29 @@ def test_mergekit_yaml_flags_are_accepted(models, tmp_path, capsys):
     recipe = tmp_path / "r.yml"
     recipe.write_text(ties(models, "dare_ties"))
     out = str(tmp_path / "out")
-    flags = ["--random-seed", "3", "-j", "2", "--lazy-unpickle", "--low-cpu-memory", "--no-read-to-gpu", "--multi-gpu", "--trust-remote-code",
-             "--clone-tensors", "--async-write", "--write-threads", "2", "--safe-serialization", "--copy-tokenizer", "--write-model-card",
-             "--quiet", "--device", "cpu", "--executor", "local"]
+    flags = [
+        "--random-seed",
+        "3",
+        "-j",
+        "2",
+        "--lazy-unpickle",
+        "--low-cpu-memory",
+        "--no-read-to-gpu",
+        "--multi-gpu",
+        "--trust-remote-code",
+        "--clone-tensors",
+        "--async-write",
+        "--write-threads",
+        "2",
+        "--safe-serialization",
+        "--copy-tokenizer",
+        "--write-model-card",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--executor",
+        "local",
+    ]
     assert cli(["merge", str(recipe), out, *flags]) == 0
     err = capsys.readouterr().err
     assert "--lazy-unpickle: accepted, not needed" in err and "--num-threads: accepted, not needed" in err

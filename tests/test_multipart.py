@@ -5,11 +5,10 @@ appears only on commit, and a completion whose answer is lost is not taken for a
 from __future__ import annotations
 
 import random
+import threading
 import uuid
 
 import s3fs
-
-import threading
 
 from nyxray.multipart import CONCURRENCY, MIN_PART, PROCESS_INFLIGHT
 from nyxray.storage import location
@@ -89,8 +88,9 @@ def test_completion_with_a_lost_answer_still_commits(s3_server, s3_bucket, fault
                 proxy.reset_share, proxy.error503_share = 0.0, 1.0
         return True
 
-    proxy = fault_proxy(reset_share=1.0, reset_phase="response", match=on_completion,
-                        error_reply=(404, "Not Found", "NoSuchUpload", "The specified upload does not exist."))
+    proxy = fault_proxy(
+        reset_share=1.0, reset_phase="response", match=on_completion, error_reply=(404, "Not Found", "NoSuchUpload", "The specified upload does not exist.")
+    )
     loc = location(f"s3://{s3_bucket}/mp-{uuid.uuid4().hex[:6]}", s3_server.storage_options_for(proxy.endpoint_url, max_attempts=1))
     data = _payload(2 * MIN_PART + 99)
     w = loc.open_atomic("done.bin", part_size=MIN_PART)

@@ -29,8 +29,9 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,7 @@ ACTOR_FIELDS = ("actor", "node_id", "device", "units", "bytes_read", "bytes_writ
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
 
 class Background:
     """``fn()`` in a daemon thread; :meth:`result` joins it with a bound (a hang fails the test)."""
@@ -218,7 +220,7 @@ class GatedFiles:
         for shard in plan.final.shards:
             for t in shard.tensors:
                 for leaf in leaves(t.expr):
-                    out[(leaf.loc.url(leaf.file)[len(self.url) + 1:], leaf.start)] = shard.name
+                    out[(leaf.loc.url(leaf.file)[len(self.url) + 1 :], leaf.start)] = shard.name
         return out
 
     def wait_for_units(self, unit_of: dict, count: int, run: Background, timeout: float = 90) -> set[str]:
@@ -279,6 +281,7 @@ def local_baseline(nyxene_sources, tmp_path_factory):
 
 # -- tests ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("actors", [1, 2, 4])
 def test_same_bytes_whatever_the_number_of_actors(ray_cluster, served, served_plan, served_baseline, tmp_path, actors):
     """Every one of the actors runs units (the gate holds the first units until each actor waits
@@ -328,8 +331,18 @@ def test_deterministic_unit_failure_fails_once_naming_the_cause(ray_cluster, nyx
     out = str(tmp_path / "out")
     started = time.monotonic()
     with pytest.raises(NyxrayError) as err:
-        bounded(lambda: run_targets([Target(location(out), p.final, text)], device="cpu", overwrite=False, executor="ray",
-                                   progress=False, copy_tokenizer=True, write_model_card=True, actors=3))
+        bounded(
+            lambda: run_targets(
+                [Target(location(out), p.final, text)],
+                device="cpu",
+                overwrite=False,
+                executor="ray",
+                progress=False,
+                copy_tokenizer=True,
+                write_model_card=True,
+                actors=3,
+            )
+        )
     elapsed = time.monotonic() - started
     msg = str(err.value)
     assert "RayTaskError" not in type(err.value).__name__ and "Traceback" not in msg and "\n" not in msg, msg
@@ -343,8 +356,19 @@ def test_deterministic_unit_failure_fails_once_naming_the_cause(ray_cluster, nyx
     out2 = str(tmp_path / "out2")
     seen = set(_merge_actor_states())
     with pytest.raises(NyxrayError) as err:
-        bounded(lambda: run_targets([Target(location(out2), p.final, text)], device="cpu", overwrite=False, executor="ray",
-                                   progress=False, copy_tokenizer=True, write_model_card=True, actors=2, keep_actors=120))
+        bounded(
+            lambda: run_targets(
+                [Target(location(out2), p.final, text)],
+                device="cpu",
+                overwrite=False,
+                executor="ray",
+                progress=False,
+                copy_tokenizer=True,
+                write_model_card=True,
+                actors=2,
+                keep_actors=120,
+            )
+        )
     assert leaf.file in str(err.value) and "not found" in str(err.value), str(err.value)
     assert not os.path.exists(os.path.join(out2, "nyxray-manifest.json"))
     started_here = set(_merge_actor_states()) - seen
@@ -434,8 +458,10 @@ def test_worker_node_killed_mid_merge(ray_cluster, served, served_plan, served_b
         if removed is not None:  # restore the session's cluster for the tests that follow
             ray_cluster.add_node(**RAY_WORKER_NODE_ARGS, resources=dict(removed._ray_params.resources or {}))
             ray_cluster.wait_for_nodes(timeout=60)
-    print(f"\nremoved node {removed.node_id[:8]} in {removed_s:.1f} s after {done_before}/{total} units; run done {finished_s:.1f} s after;"
-          f" actors (node, units, lost): {[(w['node_id'][:8], w['units'], w['units_lost']) for w in report['actors']]}")
+    print(
+        f"\nremoved node {removed.node_id[:8]} in {removed_s:.1f} s after {done_before}/{total} units; run done {finished_s:.1f} s after;"
+        f" actors (node, units, lost): {[(w['node_id'][:8], w['units'], w['units_lost']) for w in report['actors']]}"
+    )
     assert files_of(out) == expected
     assert report["shards"] == total
     lost = sum(w["units_lost"] for w in report["actors"])

@@ -87,8 +87,11 @@ def test_dtype_takes_torch_prefix():
         (SLERP.replace("base_model:", "basemodel:"), "basemodel", "did you mean 'base_model'"),
         (SLERP.replace("  - sources:", "  - source:"), "slices[0].source", "did you mean 'sources'"),
         (SLERP.replace("      - model: b", "      - modle: b"), "slices[0].sources[1].modle", "did you mean 'model'"),
-        (SLERP.replace("        layer_range: [0, 4]\n      - model: b", "        layer_rang: [0, 4]\n      - model: b"),
-         "slices[0].sources[0].layer_rang", "did you mean 'layer_range'"),
+        (
+            SLERP.replace("        layer_range: [0, 4]\n      - model: b", "        layer_rang: [0, 4]\n      - model: b"),
+            "slices[0].sources[0].layer_rang",
+            "did you mean 'layer_range'",
+        ),
         (SLERP.replace("  t: 0.5", "  tt: 0.5"), "parameters.tt", "did you mean 't'"),
         (SLERP.replace("  t: 0.5", "  t:\n    - filtr: mlp\n      value: 0.5"), "parameters.t[0].filtr", "did you mean 'filter'"),
     ],
@@ -467,9 +470,7 @@ parameters:
 
 def test_filter_sees_output_layer_numbers(small_models):
     # A shared parameter's filter sees the output name: source layer 2 becomes output layer 0.
-    text = SLERP.replace("layer_range: [0, 4]", "layer_range: [2, 4]").replace(
-        "  t: 0.5", "  t:\n    - filter: layers.0.\n      value: 0.1\n    - value: 0.9"
-    )
+    text = SLERP.replace("layer_range: [0, 4]", "layer_range: [2, 4]").replace("  t: 0.5", "  t:\n    - filter: layers.0.\n      value: 0.1\n    - value: 0.9")
     p = api.plan(text, models_root=small_models)
     t = {x.name: x.param("t")[0] for x in p.final.tensors}
     assert t["model.layers.0.mlp.up_proj.weight"] == 0.1 and t["model.layers.1.mlp.up_proj.weight"] == 0.9
@@ -493,8 +494,10 @@ def test_nyxene_slerp_t_table(nyxene_stage_outputs):
     # recipes/Nyxene-11B.yml as on the model card: its second input is "Starling-NeuralHermes-11B".
     p = api.plan(
         os.path.join(RECIPES, "Nyxene-11B.yml"),
-        models={"loyal-piano-cybertron-11B": nyxene_stage_outputs["loyal-piano-cybertron-11B"],
-                "Starling-NeuralHermes-11B": nyxene_stage_outputs["Starling-DPOHermes-11B"]},
+        models={
+            "loyal-piano-cybertron-11B": nyxene_stage_outputs["loyal-piano-cybertron-11B"],
+            "Starling-NeuralHermes-11B": nyxene_stage_outputs["Starling-DPOHermes-11B"],
+        },
     )
     final = p.final
     assert final.config["num_hidden_layers"] == 48
@@ -523,6 +526,9 @@ def test_nyxene_slerp_t_table(nyxene_stage_outputs):
 
 def test_nyxene_recipe_as_written_names_a_missing_model(nyxene_stage_outputs):
     with pytest.raises(NyxrayError) as info:
-        api.plan(os.path.join(RECIPES, "Nyxene-11B.yml"), models={"loyal-piano-cybertron-11B": nyxene_stage_outputs["loyal-piano-cybertron-11B"]},
-                 models_root=os.path.dirname(nyxene_stage_outputs["Starling-DPOHermes-11B"]))
+        api.plan(
+            os.path.join(RECIPES, "Nyxene-11B.yml"),
+            models={"loyal-piano-cybertron-11B": nyxene_stage_outputs["loyal-piano-cybertron-11B"]},
+            models_root=os.path.dirname(nyxene_stage_outputs["Starling-DPOHermes-11B"]),
+        )
     assert "slices[0].sources[1].model" in str(info.value) and "Starling-NeuralHermes-11B" in str(info.value)

@@ -17,7 +17,6 @@ import pytest
 import s3fs
 
 import nyxray
-from nyxray.storage import location
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1A = os.path.join(REPO, "recipes", "loyal-piano-cybertron-11B.yml")
@@ -117,8 +116,7 @@ def s3_src(s3_server, nyxene_sources):
 
 
 def s3_merge(out: str, src: str, opts: dict):
-    return nyxray.merge(STAGE1A, out, models_root=src, storage_options=opts, executor="local", device="cpu", out_shard_size=SHARD,
-                        progress=False)
+    return nyxray.merge(STAGE1A, out, models_root=src, storage_options=opts, executor="local", device="cpu", out_shard_size=SHARD, progress=False)
 
 
 def test_s3_repair_of_three_damages_rewrites_exactly_those(s3_server, s3_src, s3_bucket, reference):
@@ -164,8 +162,12 @@ def test_s3_output_is_not_a_model_from_repair_start_to_commit(s3_server, s3_src,
         fs.invalidate_cache()
         if not fs.exists(victim):  # removed by the repair's invalidation, not yet rewritten
             problems = nyxray.verify(out, opts)
-            seen.append((bool(problems) and "incomplete" in problems[0],
-                         *(not fs.exists(f"{s3_bucket}/out/{f}") for f in ("config.json", "model.safetensors.index.json"))))
+            seen.append(
+                (
+                    bool(problems) and "incomplete" in problems[0],
+                    *(not fs.exists(f"{s3_bucket}/out/{f}") for f in ("config.json", "model.safetensors.index.json")),
+                )
+            )
         time.sleep(0.1)
     th.join()
     assert "report" in box, "the repair failed"

@@ -181,9 +181,7 @@ def test_exception_inside_with_commits_partial_object(s3_fs, s3_bucket):
 def test_pending_upload_helpers(s3_server, s3_bucket):
     c = s3_server.client()
     up = c.create_multipart_upload(Bucket=s3_bucket, Key="x/pending")
-    c.upload_part(
-        Bucket=s3_bucket, Key="x/pending", UploadId=up["UploadId"], PartNumber=1, Body=b"1" * 100
-    )
+    c.upload_part(Bucket=s3_bucket, Key="x/pending", UploadId=up["UploadId"], PartNumber=1, Body=b"1" * 100)
     c.create_multipart_upload(Bucket=s3_bucket, Key="y/pending")
     pending = s3_server.list_pending_uploads(s3_bucket)
     assert sorted(p["Key"] for p in pending) == ["x/pending", "y/pending"]
@@ -331,9 +329,7 @@ def test_truncated_and_delayed_responses_are_retried(s3_server, fault_proxy):
     proxy = fault_proxy(truncate_share=0.3, delay_share=0.2, delay_s=0.05, seed=7)
     fs = _fs(s3_server.storage_options_for(proxy.endpoint_url, max_attempts=10))
     for i in range(10):
-        assert fs.cat_file("nyx/trunc.bin", start=i * 1000, end=i * 1000 + 200_000) == data[
-            i * 1000 : i * 1000 + 200_000
-        ]
+        assert fs.cat_file("nyx/trunc.bin", start=i * 1000, end=i * 1000 + 200_000) == data[i * 1000 : i * 1000 + 200_000]
     c = proxy.counters
     assert c["truncate"] > 0 and c["delay"] > 0, c
 
@@ -497,10 +493,7 @@ def test_proxy_expect_100_continue(backend):
     with FaultProxy("127.0.0.1", backend) as proxy:
         s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
         try:
-            s.sendall(
-                b"PUT /e HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
-                b"Expect: 100-continue\r\n\r\n"
-            )
+            s.sendall(b"PUT /e HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n")
             assert s.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
             s.sendall(b"0123456789")
             buf = b""

@@ -11,7 +11,7 @@ import s3fs
 
 import nyxray
 from nyxray.cli import main as cli
-from nyxray.errors import NyxrayError, StorageError
+from nyxray.errors import NyxrayError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE = os.path.join(REPO, "recipes", "nyxene-v2-11b.pipeline.yml")
@@ -42,8 +42,9 @@ def s3_hashes(fs: s3fs.S3FileSystem, prefix: str) -> dict[str, str]:
 
 def test_pipeline_s3_to_s3_is_identical_and_reads_the_minimum(s3_server, s3_sources, local_reference, s3_bucket):
     opts = s3_server.storage_options
-    report = nyxray.merge(PIPELINE, f"s3://{s3_bucket}/nyxene", models_root=s3_sources, storage_options=opts,
-                          executor="local", out_shard_size=SHARD, progress=False)
+    report = nyxray.merge(
+        PIPELINE, f"s3://{s3_bucket}/nyxene", models_root=s3_sources, storage_options=opts, executor="local", out_shard_size=SHARD, progress=False
+    )
     fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
     assert s3_hashes(fs, f"{s3_bucket}/nyxene") == local_reference
     assert report["bytes_read"] <= 1.01 * report["bytes_read_min"]
@@ -54,8 +55,9 @@ def test_pipeline_s3_to_s3_is_identical_and_reads_the_minimum(s3_server, s3_sour
 
 def test_ray_actors_read_and_write_s3(ray_cluster, s3_server, s3_sources, local_reference, s3_bucket):
     opts = s3_server.storage_options
-    report = nyxray.merge(PIPELINE, f"s3://{s3_bucket}/nyxene", models_root=s3_sources, storage_options=opts,
-                          executor="ray", actors=2, out_shard_size=SHARD, progress=False)
+    report = nyxray.merge(
+        PIPELINE, f"s3://{s3_bucket}/nyxene", models_root=s3_sources, storage_options=opts, executor="ray", actors=2, out_shard_size=SHARD, progress=False
+    )
     fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
     assert s3_hashes(fs, f"{s3_bucket}/nyxene") == local_reference
     assert sum(a["units"] for a in report["actors"]) == report["shards"]
@@ -65,8 +67,7 @@ def test_faulty_endpoint_still_gives_identical_output(s3_server, s3_sources, loc
     # 10% of requests answered 503 SlowDown, 5% reset, 5% delayed: retried with backoff
     proxy = fault_proxy(error503_share=0.10, reset_share=0.05, delay_share=0.05, delay_s=0.2, seed=7)
     opts = s3_server.storage_options_for(proxy.endpoint_url, max_attempts=10)
-    nyxray.merge(PIPELINE, f"s3://{s3_bucket}/nyxene", models_root=s3_sources, storage_options=opts,
-                 executor="local", out_shard_size=SHARD, progress=False)
+    nyxray.merge(PIPELINE, f"s3://{s3_bucket}/nyxene", models_root=s3_sources, storage_options=opts, executor="local", out_shard_size=SHARD, progress=False)
     assert proxy.faults > 5, proxy.counters
     fs = s3fs.S3FileSystem(**s3_server.storage_options, skip_instance_cache=True)
     assert s3_hashes(fs, f"{s3_bucket}/nyxene") == local_reference
@@ -83,15 +84,29 @@ def test_upload_cut_mid_shard_leaves_no_object_and_the_rerun_completes(s3_server
     fs = s3fs.S3FileSystem(**s3_server.storage_options, skip_instance_cache=True)
     assert s3_hashes(fs, f"{s3_bucket}/nyxene") == {}  # no shard under its final name
     assert not fs.exists(f"{s3_bucket}/nyxene/nyxray-manifest.json")
-    nyxray.merge(PIPELINE, out, models_root=s3_sources, storage_options=s3_server.storage_options, executor="local",
-                 out_shard_size=SHARD, progress=False)
+    nyxray.merge(PIPELINE, out, models_root=s3_sources, storage_options=s3_server.storage_options, executor="local", out_shard_size=SHARD, progress=False)
     assert s3_hashes(fs, f"{s3_bucket}/nyxene") == local_reference
 
 
 def test_unwritable_output_fails_before_any_tensor_is_computed(s3_server, s3_sources, capsys):
-    rc = cli(["merge", PIPELINE, "s3://no-such-bucket-here/out", "--models-root", s3_sources, "--executor", "local", "--quiet",
-              "--storage-option", f"endpoint_url={s3_server.endpoint_url}", "--storage-option", f"key={s3_server.access_key}",
-              "--storage-option", f"secret={s3_server.secret_key}"])
+    rc = cli(
+        [
+            "merge",
+            PIPELINE,
+            "s3://no-such-bucket-here/out",
+            "--models-root",
+            s3_sources,
+            "--executor",
+            "local",
+            "--quiet",
+            "--storage-option",
+            f"endpoint_url={s3_server.endpoint_url}",
+            "--storage-option",
+            f"key={s3_server.access_key}",
+            "--storage-option",
+            f"secret={s3_server.secret_key}",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "s3://no-such-bucket-here/out" in err
     assert s3_server.secret_key not in err
@@ -99,9 +114,22 @@ def test_unwritable_output_fails_before_any_tensor_is_computed(s3_server, s3_sou
 
 def test_wrong_credentials_name_the_url_not_the_secret(s3_server, s3_sources, tmp_path, capsys):
     secret = "wrong-secret-do-not-print-me-42"
-    rc = cli(["plan", PIPELINE, "--models-root", s3_sources, "--storage-option", f"endpoint_url={s3_server.endpoint_url}",
-              "--storage-option", "key=nobody", "--storage-option", f"secret={secret}",
-              "--storage-option", "config_kwargs.retries.max_attempts=1"])
+    rc = cli(
+        [
+            "plan",
+            PIPELINE,
+            "--models-root",
+            s3_sources,
+            "--storage-option",
+            f"endpoint_url={s3_server.endpoint_url}",
+            "--storage-option",
+            "key=nobody",
+            "--storage-option",
+            f"secret={secret}",
+            "--storage-option",
+            "config_kwargs.retries.max_attempts=1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "s3://nyx/mirror" in err
     assert secret not in err and len(err.strip().splitlines()) == 1

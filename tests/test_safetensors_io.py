@@ -22,7 +22,9 @@ def test_build_header_matches_safetensors_library(seed):
         shape = tuple(rng.randint(1, 5) for _ in range(rng.randint(0, 3)))
         tensors[name] = torch.zeros(shape, dtype=TORCH_DTYPES[rng.choice(dtypes)])
     expected = save(tensors, metadata={"format": "pt"})
-    header, entries = build_header([(n, next(k for k, v in TORCH_DTYPES.items() if v == t.dtype), tuple(t.shape)) for n, t in tensors.items()], {"format": "pt"})
+    header, entries = build_header(
+        [(n, next(k for k, v in TORCH_DTYPES.items() if v == t.dtype), tuple(t.shape)) for n, t in tensors.items()], {"format": "pt"}
+    )
     assert expected[: len(header)] == header
     assert entries[-1].end == len(expected)
     n = header_length(expected[:8], "x", len(expected))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 
@@ -38,8 +38,9 @@ class FakePool:
     """``size`` workers; ``behave(worker, piece, attempt)`` returns a Done or raises; starts answer
     at once unless ``never_start`` names the worker (its start future never completes)."""
 
-    def __init__(self, size: int, behave: Callable[[int, Piece, int], Done] | None = None, never_start: set[int] = frozenset(),
-                 lost_starts: dict[int, int] | None = None):
+    def __init__(
+        self, size: int, behave: Callable[[int, Piece, int], Done] | None = None, never_start: set[int] = frozenset(), lost_starts: dict[int, int] | None = None
+    ):
         self.size, self.never_start = size, never_start
         self.behave = behave or (lambda w, p, a: Done(p.size, 0.1, 2 * p.size))
         self.lost_starts = dict(lost_starts or {})  # worker -> starts that fail as lost
@@ -88,8 +89,9 @@ def test_largest_first_and_the_summary_adds_up():
     summary, got, progress = schedule(pool, pieces)
     assert [t for _, t in pool.ran] == ["a", "b", "c", "d"]
     assert [t for t, _ in got] == ["a", "b", "c", "d"]
-    assert summary == [{"actor": 0, "node_id": "node0", "device": "cpu", "units": 4, "bytes_read": 21, "bytes_written": 42,
-                        "busy_s": pytest.approx(0.4), "units_lost": 0}]
+    assert summary == [
+        {"actor": 0, "node_id": "node0", "device": "cpu", "units": 4, "bytes_read": 21, "bytes_written": 42, "busy_s": pytest.approx(0.4), "units_lost": 0}
+    ]
     assert progress.done == 4 and progress.began is not None
     assert pool.closed is True
 

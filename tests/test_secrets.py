@@ -16,7 +16,6 @@ import os
 import pytest
 import s3fs
 
-import nyxray
 from nyxray.cli import main as cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,19 +55,61 @@ def test_secrets_appear_nowhere_after_a_ray_merge(ray_cluster, s3_server, s3_src
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
     secret = s3_server.secret_key
     assert len(secret) >= 16
-    opts = ["--storage-option", f"endpoint_url={s3_server.endpoint_url}", "--storage-option", f"key={s3_server.access_key}",
-            "--storage-option", f"secret={secret}"]
+    opts = [
+        "--storage-option",
+        f"endpoint_url={s3_server.endpoint_url}",
+        "--storage-option",
+        f"key={s3_server.access_key}",
+        "--storage-option",
+        f"secret={secret}",
+    ]
     out = f"s3://{s3_bucket}/out"
     report = str(tmp_path / "report.json")
-    rc = cli(["merge", STAGE1A, out, "--models-root", s3_src, "--executor", "ray", "--actors", "2", "--device", "cpu",
-              "--out-shard-size", "1M", "--report", report, "--quiet", *opts])
+    rc = cli(
+        [
+            "merge",
+            STAGE1A,
+            out,
+            "--models-root",
+            s3_src,
+            "--executor",
+            "ray",
+            "--actors",
+            "2",
+            "--device",
+            "cpu",
+            "--out-shard-size",
+            "1M",
+            "--report",
+            report,
+            "--quiet",
+            *opts,
+        ]
+    )
     ok = capsys.readouterr()
     assert rc == 0, ok.err
     # a refused run: wrong secret; its error names the URL, not the secret
     wrong = "nyxray-wrong-Secret-0f9e8d7c6b"
-    rc = cli(["merge", STAGE1A, f"s3://{s3_bucket}/out2", "--models-root", s3_src, "--executor", "ray", "--quiet",
-              "--storage-option", f"endpoint_url={s3_server.endpoint_url}", "--storage-option", f"key={s3_server.access_key}",
-              "--storage-option", f"secret={wrong}", "--storage-option", "config_kwargs.retries.max_attempts=1"])
+    rc = cli(
+        [
+            "merge",
+            STAGE1A,
+            f"s3://{s3_bucket}/out2",
+            "--models-root",
+            s3_src,
+            "--executor",
+            "ray",
+            "--quiet",
+            "--storage-option",
+            f"endpoint_url={s3_server.endpoint_url}",
+            "--storage-option",
+            f"key={s3_server.access_key}",
+            "--storage-option",
+            f"secret={wrong}",
+            "--storage-option",
+            "config_kwargs.retries.max_attempts=1",
+        ]
+    )
     failed = capsys.readouterr()
     assert rc == 1 and "secrets-mirror" in failed.err and len(failed.err.strip().splitlines()) == 1, failed.err
     needles = [secret.encode(), ENV_SECRET.encode(), wrong.encode()]

@@ -3,7 +3,6 @@ local files, memory://, and a real S3 server (SeaweedFS on 127.0.0.1, over HTTP,
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest

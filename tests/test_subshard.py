@@ -211,7 +211,16 @@ def test_sweep_members_share_reads_part_by_part(sources, tmp_path):
     assert len(members) == 2 and sum(a["units"] for a in report["actors"]) > 2 * 5
     for name, t in zip(members, ("0.3", "0.7")):
         single = str(tmp_path / f"single-{t}")
-        nyxray.merge(RECIPE.replace("    - filter: self_attn\n      value: [0.75, 0.25]\n    - filter: mlp\n      value: [0.25, 0.75]\n    - value: 0.5\n", f"    - value: {t}\n"),
-                     single, models=sources, out_shard_size=SHARD, progress=False, executor="local", unit_size="1B")
+        nyxray.merge(
+            RECIPE.replace(
+                "    - filter: self_attn\n      value: [0.75, 0.25]\n    - filter: mlp\n      value: [0.25, 0.75]\n    - value: 0.5\n", f"    - value: {t}\n"
+            ),
+            single,
+            models=sources,
+            out_shard_size=SHARD,
+            progress=False,
+            executor="local",
+            unit_size="1B",
+        )
         assert hashes(str(tmp_path / "sw" / name)) == hashes(single)
         assert nyxray.verify(str(tmp_path / "sw" / name)) == []

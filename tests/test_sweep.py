@@ -32,7 +32,8 @@ import tempfile
 import threading
 import time
 import urllib.request
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -59,7 +60,9 @@ parameters:
   t: 0.5
 dtype: bfloat16
 """
-FILTERS = BASE.replace("  t: 0.5\n", "  t:\n    - filter: self_attn\n      value: [0.75, 0.25]\n    - filter: mlp\n      value: [0.25, 0.75]\n    - value: 0.4\n")
+FILTERS = BASE.replace(
+    "  t: 0.5\n", "  t:\n    - filter: self_attn\n      value: [0.75, 0.25]\n    - filter: mlp\n      value: [0.25, 0.75]\n    - value: 0.4\n"
+)
 INLINE = {  # another base model and t: the same tensors to read, other bytes to write
     "slices": [{"sources": [{"model": LOYAL, "layer_range": [0, 16]}, {"model": UNA, "layer_range": [0, 16]}]}],
     "merge_method": "slerp",
@@ -174,8 +177,7 @@ def alone(nyxene_sources, tmp_path_factory) -> dict[str, tuple[str, dict]]:
         recipe = root / f"{name}.yml"
         recipe.write_text(alone_recipe(name))
         out = str(root / name)
-        done[name] = out, nyxray.merge(str(recipe), out, models_root=nyxene_sources, out_shard_size=SHARD_SIZE, executor="local",
-                                       device="cpu", progress=False)
+        done[name] = out, nyxray.merge(str(recipe), out, models_root=nyxene_sources, out_shard_size=SHARD_SIZE, executor="local", device="cpu", progress=False)
     return done
 
 
@@ -230,11 +232,18 @@ def test_rerun_skips_complete_members_and_reads_only_headers(nyxene_sources, swe
 
 
 BAD_MEMBERS = [
-    {"name": "too_deep", "recipe": {**copy.deepcopy(INLINE), "slices": [{"sources": [{"model": UNA, "layer_range": [0, 40]},
-                                                                                   {"model": LOYAL, "layer_range": [0, 40]}]}]}},
-    {"name": "ghost", "recipe": {**copy.deepcopy(INLINE), "slices": [{"sources": [{"model": "nobody/missing-7b", "layer_range": [0, 16]},
-                                                                                {"model": UNA, "layer_range": [0, 16]}]}],
-                                 "base_model": "nobody/missing-7b"}},
+    {
+        "name": "too_deep",
+        "recipe": {**copy.deepcopy(INLINE), "slices": [{"sources": [{"model": UNA, "layer_range": [0, 40]}, {"model": LOYAL, "layer_range": [0, 40]}]}]},
+    },
+    {
+        "name": "ghost",
+        "recipe": {
+            **copy.deepcopy(INLINE),
+            "slices": [{"sources": [{"model": "nobody/missing-7b", "layer_range": [0, 16]}, {"model": UNA, "layer_range": [0, 16]}]}],
+            "base_model": "nobody/missing-7b",
+        },
+    },
 ]
 
 
@@ -242,20 +251,21 @@ UPPER = BASE.replace("[0, 16]", "[16, 32]")  # the same tensors to write from ot
 
 
 def test_a_bad_member_is_reported_and_the_others_are_written(nyxene_sources, alone, tmp_path, capsys):
-    path = write_sweep(str(tmp_path), {"base": "base.yml", "grid": {"parameters.t": [0.25, 0.75]},
-                                       "members": [{"name": "upper", "recipe": UPPER}, *BAD_MEMBERS]})
+    path = write_sweep(
+        str(tmp_path), {"base": "base.yml", "grid": {"parameters.t": [0.25, 0.75]}, "members": [{"name": "upper", "recipe": UPPER}, *BAD_MEMBERS]}
+    )
     (tmp_path / "upper.yml").write_text(UPPER)
     upper_alone = str(tmp_path / "upper-alone")
-    nyxray.merge(str(tmp_path / "upper.yml"), upper_alone, models_root=nyxene_sources, out_shard_size=SHARD_SIZE, executor="local",
-                 device="cpu", progress=False)
+    nyxray.merge(
+        str(tmp_path / "upper.yml"), upper_alone, models_root=nyxene_sources, out_shard_size=SHARD_SIZE, executor="local", device="cpu", progress=False
+    )
 
     # fail_fast: the first bad member stops the run at plan time; nothing is written
     out = str(tmp_path / "ff")
     with pytest.raises(NyxrayError, match=r"sweep member 'too_deep'.*layer_range"):
         sweep(path, out, nyxene_sources, fail_fast=True)
     assert not os.path.exists(out)
-    assert cli(["sweep", path, out, "--models-root", nyxene_sources, "--executor", "local", "--quiet", "--out-shard-size", SHARD_SIZE,
-                "--fail-fast"]) == 1
+    assert cli(["sweep", path, out, "--models-root", nyxene_sources, "--executor", "local", "--quiet", "--out-shard-size", SHARD_SIZE, "--fail-fast"]) == 1
     assert "too_deep" in capsys.readouterr().err
     assert not os.path.exists(out)
 
@@ -272,8 +282,7 @@ def test_a_bad_member_is_reported_and_the_others_are_written(nyxene_sources, alo
 
     # the CLI says so with its exit status; a re-run skips the complete members
     report_file = str(tmp_path / "report.json")
-    code = cli(["sweep", path, out, "--models-root", nyxene_sources, "--executor", "local", "--quiet", "--out-shard-size", SHARD_SIZE,
-                "--report", report_file])
+    code = cli(["sweep", path, out, "--models-root", nyxene_sources, "--executor", "local", "--quiet", "--out-shard-size", SHARD_SIZE, "--report", report_file])
     assert code == 1
     printed = json.loads(capsys.readouterr().out)
     assert sorted(printed["failed"]) == ["ghost", "too_deep"]
@@ -291,9 +300,15 @@ def test_a_bad_member_is_reported_and_the_others_are_written(nyxene_sources, alo
     "doc, match",
     [
         ({"base": "base.yml", "gird": {"parameters.t": [0.5]}}, r"gird: unknown sweep key \(did you mean 'grid'\?\)"),
-        ({"base": "base.yml", "grid": {"parameters.tt": [0.5]}}, r"grid\.parameters\.tt: the base recipe has no 'tt' under 'parameters' \(did you mean 't'\?\)"),
+        (
+            {"base": "base.yml", "grid": {"parameters.tt": [0.5]}},
+            r"grid\.parameters\.tt: the base recipe has no 'tt' under 'parameters' \(did you mean 't'\?\)",
+        ),
         ({"base": "base.yml", "grid": {"parameter.t": [0.5]}}, r"grid\.parameter\.t: the base recipe has no 'parameter' \(did you mean 'parameters'\?\)"),
-        ({"base": "base.yml", "grid": {"slices[1].sources[0].layer_range": [[0, 8]]}}, r"grid\.slices\[1\]\.sources\[0\]\.layer_range: index \[1\].*slices has 1 entries"),
+        (
+            {"base": "base.yml", "grid": {"slices[1].sources[0].layer_range": [[0, 8]]}},
+            r"grid\.slices\[1\]\.sources\[0\]\.layer_range: index \[1\].*slices has 1 entries",
+        ),
         ({"base": "nowhere.yml", "grid": {"parameters.t": [0.5]}}, r"base: cannot read recipe 'nowhere.yml'"),
         ({"base": "base.yml"}, r"base: and grid: go together"),
         ({"members": [{"name": "a", "recipe": "base.yml"}, {"name": "a", "recipe": "members/filters.yml"}]}, r"members\[1\]: member name 'a' is used twice"),
@@ -365,7 +380,7 @@ def _procs() -> dict[int, tuple[int, int, str]]:
                 text += b"\0" + f.read()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()  # state ppid pgrp session ...
+        fields = stat[stat.rfind(")") + 2 :].split()  # state ppid pgrp session ...
         if fields[0] not in ("Z", "X"):
             out[int(d)] = (int(fields[1]), int(fields[3]), text.decode(errors="replace"))
     return out
@@ -409,16 +424,29 @@ class RayHead:
         )
         self.env = env
         self.cmd = [
-            os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-            f"--temp-dir={self.temp_dir}", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
-            f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}", "--disable-usage-stats",
+            os.path.join(VENV_BIN, "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={self.temp_dir}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
+            f"--ray-client-server-port={client}",
+            f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}",
+            "--disable-usage-stats",
         ]
         self.log_path = os.path.join(self.temp_dir, "ray-start.log")
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def log_tail(self, n: int = 4000) -> str:
         with open(self.log_path, "rb") as f:
@@ -439,8 +467,7 @@ class RayHead:
         pytest.fail(f"the Ray dashboard did not answer at {self.url} within {timeout} s:\n{self.log_tail()}")
 
     def ray(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run([os.path.join(VENV_BIN, "ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run([os.path.join(VENV_BIN, "ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def pids(self, known: set[int] = frozenset()) -> set[int]:  # type: ignore[assignment]
         return _cluster_pids(self.proc.pid, (self.temp_dir, self.gcs_address), set(known))
@@ -497,13 +524,37 @@ def test_sweep_submitted_as_a_ray_job(ray_head, nyxene_sources, local_sweep, tmp
     write_sweep(job_dir, sweep_doc())  # sweep.yml + the recipes it names, relative to it: they travel with the job
     out = str(tmp_path / "out")
     ray_head.wait_ready()
-    entrypoint = ["nyxray", "sweep", "sweep.yml", out, "--models-root", nyxene_sources, "--executor", "ray", "--quiet",
-                  "--out-shard-size", SHARD_SIZE, "--device", "cpu"]
+    entrypoint = [
+        "nyxray",
+        "sweep",
+        "sweep.yml",
+        out,
+        "--models-root",
+        nyxene_sources,
+        "--executor",
+        "ray",
+        "--quiet",
+        "--out-shard-size",
+        SHARD_SIZE,
+        "--device",
+        "cpu",
+    ]
     deadline = time.monotonic() + 240
     for attempt in range(1, 20):
         job_id = f"nyxray-sweep-test-{attempt}"
-        run = ray_head.ray("job", "submit", "--address", ray_head.url, "--submission-id", job_id, "--working-dir", job_dir, "--",
-                           *entrypoint, timeout=max(10, deadline - time.monotonic()))
+        run = ray_head.ray(
+            "job",
+            "submit",
+            "--address",
+            ray_head.url,
+            "--submission-id",
+            job_id,
+            "--working-dir",
+            job_dir,
+            "--",
+            *entrypoint,
+            timeout=max(10, deadline - time.monotonic()),
+        )
         # The Jobs API answers before the node's dashboard agent has registered: try again shortly.
         if run.returncode != 0 and "No available agent" in run.stdout + run.stderr and time.monotonic() < deadline - 30:
             time.sleep(2)
@@ -515,7 +566,7 @@ def test_sweep_submitted_as_a_ray_job(ray_head, nyxene_sources, local_sweep, tmp
         job = json.load(r)
     assert job["status"] == "SUCCEEDED", f"{job}\n{logs}"
     assert job["entrypoint"] == " ".join(entrypoint)
-    report = json.loads(run.stdout[run.stdout.index("{\n"):run.stdout.rindex("\n}") + 2])  # what the job printed
+    report = json.loads(run.stdout[run.stdout.index("{\n") : run.stdout.rindex("\n}") + 2])  # what the job printed
     assert report["failed"] == {} and report["output"] == out
     assert report["actors"] and all(w["device"] == "cpu" for w in report["actors"])
     assert sorted(os.listdir(out)) == NAMES

@@ -17,7 +17,10 @@ from nyxray.errors import NyxrayError
 UNA, LOYAL = "fblgit/una-cybertron-7b-v2", "chargoddard/loyal-piano-m7-cdpo"
 BASE = {
     "slices": [{"sources": [{"model": UNA, "layer_range": [0, 16]}, {"model": LOYAL, "layer_range": [0, 16]}]}],
-    "merge_method": "slerp", "base_model": UNA, "parameters": {"t": 0.5}, "dtype": "bfloat16",
+    "merge_method": "slerp",
+    "base_model": UNA,
+    "parameters": {"t": 0.5},
+    "dtype": "bfloat16",
 }
 SHARD = "4M"  # three shards per member
 MEMBERS = ["t=0.25", "t=0.75"]

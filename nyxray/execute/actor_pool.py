@@ -11,7 +11,8 @@ kept actors of its shape, but keeps its own only when asked.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 RETAIN = 1 << 30  # blocks up to 1 GiB come from the heap and stay there once freed

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
 
 from ..devices import resolve_device
 from .progress import Progress
@@ -20,8 +20,7 @@ from .scheduler import Scheduler
 from .unit import Unit, UnitResult, run_unit
 
 
-def execute(units: list[Unit], device: str, progress: Progress, on_result: Callable[[Unit, UnitResult], None],
-            workers: int | None = None) -> list[dict]:
+def execute(units: list[Unit], device: str, progress: Progress, on_result: Callable[[Unit, UnitResult], None], workers: int | None = None) -> list[dict]:
     """Run every unit here on ``workers`` threads (default: one per core or local GPU); returns
     the per-worker summary."""
     math = any(u.needs_math for u in units)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import gc
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 import ray
 
-from ..errors import NyxrayError
 from ..devices import resolve_device
+from ..errors import NyxrayError
 from .actor_pool import POOL
 from .progress import Progress
 from .runtime import MATH_THREADS, fix_math_threads, settle_worker_process
@@ -122,8 +123,7 @@ def execute(
 class ActorPool:
     """Merge actors as the scheduler's workers: started (or taken from the kept ones) at creation."""
 
-    def __init__(self, units: list[Unit], device: str, actors: int | None, actor_cpus: float,
-                 actor_gpus: float | None, keep_actors: float):
+    def __init__(self, units: list[Unit], device: str, actors: int | None, actor_cpus: float, actor_gpus: float | None, keep_actors: float):
         n, self.cpus, self.gpus = _actor_count(device, actors, actor_cpus, actor_gpus)
         self.size = min(n, max(1, len(units)))
         self.keep_actors = keep_actors
@@ -178,9 +178,11 @@ class ActorPool:
             on_progress(read, written)
 
     def no_start(self, waited_s: float) -> str:
-        return (f"no merge actor could start for {waited_s:.0f} s: each needs {self.cpus:g} CPU{'s' if self.cpus != 1 else ''}"
-                + (f" and {self.gpus:g} GPU" if self.gpus else "")
-                + f"; the cluster has {_resources()} (ask for fewer or smaller actors: --actors, --actor-cpus)")
+        return (
+            f"no merge actor could start for {waited_s:.0f} s: each needs {self.cpus:g} CPU{'s' if self.cpus != 1 else ''}"
+            + (f" and {self.gpus:g} GPU" if self.gpus else "")
+            + f"; the cluster has {_resources()} (ask for fewer or smaller actors: --actors, --actor-cpus)"
+        )
 
     def close(self, finished: bool) -> None:
         if finished and self.keep_actors > 0:

@@ -15,8 +15,8 @@ a process-wide setting under another's feet:
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from ..devices import set_math_threads
 from . import heap

@@ -12,8 +12,9 @@ once it has started, so a worker that cannot be placed never holds work hostage.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from typing import Any, Callable, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import NyxrayError
 from .progress import Progress

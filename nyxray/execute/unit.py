@@ -13,9 +13,9 @@ import hashlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..graph import Expr, Leaf, leaves
 from ..parts import PartJob, digest_mismatch
@@ -43,7 +43,7 @@ class Unit:
     label: str
     shard: ShardPlan
     expected: dict | None = None
-    siblings: list["Unit"] = field(default_factory=list)
+    siblings: list[Unit] = field(default_factory=list)
     part: PartJob | None = None
 
     @property
@@ -102,13 +102,13 @@ class UnitResult:
     bytes_written: int
     busy_s: float
     reused: bool = False
-    siblings: list["UnitResult"] = field(default_factory=list)
+    siblings: list[UnitResult] = field(default_factory=list)
     part: int | None = None
     receipt: dict | None = None
     parts: list[dict] | None = None
 
     @classmethod
-    def from_record(cls, path: str, rec: dict) -> "UnitResult":
+    def from_record(cls, path: str, rec: dict) -> UnitResult:
         """A shard (or part) found intact as recorded: reused, nothing moved."""
         return cls(path, rec["size"], rec.get("sha256", ""), list(rec["tensors"]), 0, 0, 0.0, reused=True, part=rec.get("part"), parts=rec.get("parts"))
 
@@ -146,7 +146,7 @@ class _ShardStream:
         self.writer = unit.part.open(unit.out, unit.path) if unit.part else unit.out.open_atomic(unit.path)
         self.file_hash = hashlib.sha256()  # the only pass over the output bytes besides the write
         self.tensor_names: list[str] = []
-        self.q: "queue.Queue[tuple[str, object] | None]" = queue.Queue(maxsize=WRITE_QUEUE)
+        self.q: queue.Queue[tuple[str, object] | None] = queue.Queue(maxsize=WRITE_QUEUE)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="nyxray-writer", daemon=True)
         self.thread.start()
@@ -211,7 +211,7 @@ def _batches(rows: list[list]) -> list[list[list]]:
     out: list[list[list]] = [[]]
     size = 0
     for row in rows:
-        n = sum(leaf.end - leaf.start for leaf in {l for t in row for l in leaves(t.expr)})
+        n = sum(leaf.end - leaf.start for leaf in {leaf for t in row for leaf in leaves(t.expr)})
         if out[-1] and size + n > BATCH_BYTES:
             out.append([])
             size = 0
@@ -238,10 +238,10 @@ def run_unit(unit: Unit, device: str = "cpu", on_progress: Callable[[int, int], 
 
         def fetch(batch: list[list]) -> dict:
             uniq = list(dict.fromkeys(leaf for row in batch for t in row for leaf in leaves(t.expr)))
-            data, fetched = read_ranges([Range(l.loc, l.file, l.start, l.end) for l in uniq])
+            data, fetched = read_ranges([Range(leaf.loc, leaf.file, leaf.start, leaf.end) for leaf in uniq])
             if on_progress:
                 on_progress(fetched, 0)
-            return {"data": {l.key: d for l, d in zip(uniq, data)}, "fetched": fetched}
+            return {"data": {leaf.key: d for leaf, d in zip(uniq, data)}, "fetched": fetched}
 
         streams: list[_ShardStream] = []
         try:

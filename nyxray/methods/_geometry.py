@@ -7,7 +7,8 @@ bits match. Keep them that way: an algebraically equal rewrite changes the round
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 

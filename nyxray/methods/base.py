@@ -8,8 +8,9 @@ on whatever device the tensors are on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported by the math only: planning a merge never loads it
     import torch
@@ -82,19 +83,19 @@ class Group:
     device, so the bits do not depend on the device or on which worker runs the tensor.
     """
 
-    tensors: list["torch.Tensor"]
+    tensors: list[torch.Tensor]
     base: int | None
     params: dict[str, Any] = field(default_factory=dict)
     per_input: dict[str, list[Any]] = field(default_factory=dict)
-    generator: "torch.Generator | None" = None
+    generator: torch.Generator | None = None
 
     @property
-    def base_tensor(self) -> "torch.Tensor":
+    def base_tensor(self) -> torch.Tensor:
         assert self.base is not None
         return self.tensors[self.base]
 
     @property
-    def others(self) -> list["torch.Tensor"]:
+    def others(self) -> list[torch.Tensor]:
         """The non-base tensors, in order (the ones "non_base" values align with)."""
         return [t for i, t in enumerate(self.tensors) if i != self.base]
 

@@ -25,7 +25,7 @@ def merge(group: Group) -> torch.Tensor:
     elif base.dim() == 1:
         base, tuned = base.unsqueeze(0), [w.unsqueeze(0) for w in tuned]
     deltas = [w - base for w in tuned]
-    cosines = [_cosine(a, b) for i, a in enumerate(deltas) for b in deltas[i + 1:]]
+    cosines = [_cosine(a, b) for i, a in enumerate(deltas) for b in deltas[i + 1 :]]
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     k = len(tuned)
     denominator = 1 + (k - 1) * cos

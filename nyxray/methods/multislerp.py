@@ -32,10 +32,7 @@ def merge(group: Group) -> torch.Tensor:
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
         if stacked.shape[0] != 2:
-            raise ValueError(
-                "multislerp: the weighted mean of the inputs' directions is zero (antipodal inputs whose "
-                "weights cancel); change the weights"
-            )
+            raise ValueError("multislerp: the weighted mean of the inputs' directions is zero (antipodal inputs whose weights cancel); change the weights")
         result = stacked[0] * weights[0] + stacked[1] * weights[1]  # two antipodes: linear
     else:
         mean = mean / mean_norm

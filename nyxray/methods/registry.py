@@ -9,8 +9,8 @@ validates parameters against these declarations, the planner resolves them per t
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 from ..errors import did_you_mean
 from .base import Method, Param
@@ -40,18 +40,46 @@ def _gta(name: str, pretty: str, consensus: str | None, sparsify: str | None, no
         params.append(Param("gamma", float, 0.01, "non_base", low=0.0, doc="fraction of the largest entries dropped"))
     if sparsify == "della_magprune":
         params.append(Param("epsilon", float, 0.15, "non_base", low=0.0, doc="spread of keep probabilities around density"))
-    return Method(name, pretty, tuple(params), "task_arithmetic:merge", base="required", random=sparsify in ("random", "della_magprune"),
-                  options=(("consensus", consensus), ("sparsify", sparsify)), reference=ref,
-                  input_rule=_della_window if sparsify == "della_magprune" else None)
+    return Method(
+        name,
+        pretty,
+        tuple(params),
+        "task_arithmetic:merge",
+        base="required",
+        random=sparsify in ("random", "della_magprune"),
+        options=(("consensus", consensus), ("sparsify", sparsify)),
+        reference=ref,
+        input_rule=_della_window if sparsify == "della_magprune" else None,
+    )
 
 
 _ALL = (
-    Method("passthrough", "Passthrough", (Param("scale", float, None, "input", doc="multiply the tensor by this"),), "passthrough:merge",
-           base="ignored", max_inputs=1),
-    Method("slerp", "SLERP", (Param("t", float, doc="0 gives the base model, 1 the other"),), "slerp:merge", base="required",
-           min_inputs=2, max_inputs=2, optional_policy="passthrough_singleton"),
-    Method("linear", "Linear", (Param("weight", float, scope="input"), Param("normalize", bool, True)), "linear:merge", base="ignored",
-           reference="https://arxiv.org/abs/2203.05482"),
+    Method(
+        "passthrough",
+        "Passthrough",
+        (Param("scale", float, None, "input", doc="multiply the tensor by this"),),
+        "passthrough:merge",
+        base="ignored",
+        max_inputs=1,
+    ),
+    Method(
+        "slerp",
+        "SLERP",
+        (Param("t", float, doc="0 gives the base model, 1 the other"),),
+        "slerp:merge",
+        base="required",
+        min_inputs=2,
+        max_inputs=2,
+        optional_policy="passthrough_singleton",
+    ),
+    Method(
+        "linear",
+        "Linear",
+        (Param("weight", float, scope="input"), Param("normalize", bool, True)),
+        "linear:merge",
+        base="ignored",
+        reference="https://arxiv.org/abs/2203.05482",
+    ),
     _gta("task_arithmetic", "Task Arithmetic", None, None, False, False, "https://arxiv.org/abs/2212.04089"),
     _gta("ties", "TIES", "sum", "magnitude", True, False, "https://arxiv.org/abs/2306.01708"),
     _gta("dare_ties", "DARE TIES", "sum", "random", False, True, "https://arxiv.org/abs/2311.03099"),
@@ -60,28 +88,91 @@ _ALL = (
     _gta("breadcrumbs_ties", "Model Breadcrumbs with TIES", "sum", "magnitude_outliers", False, False, "https://arxiv.org/abs/2312.06795"),
     _gta("della", "DELLA", "sum", "della_magprune", True, True, "https://arxiv.org/abs/2406.11617"),
     _gta("della_linear", "Linear DELLA", None, "della_magprune", False, True, "https://arxiv.org/abs/2406.11617"),
-    Method("model_stock", "Model Stock", (Param("filter_wise", bool, False, doc="one ratio per row instead of per tensor"),), "model_stock:merge",
-           base="required", min_inputs=3, optional_policy="base_or_skip", reference="https://arxiv.org/abs/2403.19522"),
-    Method("nuslerp", "NuSLERP", (Param("weight", float, scope="non_base"), Param("nuslerp_row_wise", bool, False),
-                                  Param("nuslerp_flatten", bool, True)), "nuslerp:merge",
-           min_non_base=2, max_non_base=2, optional_policy="passthrough_singleton"),
-    Method("multislerp", "Multi-SLERP", (Param("weight", float, scope="non_base"), Param("normalize_weights", bool, True),
-                                         Param("eps", float, 1e-8, low=0.0)), "multislerp:merge",
-           min_non_base=1, reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
-    Method("karcher", "Karcher Mean", (Param("max_iter", int, 10, low=1), Param("tol", float, 1e-5, low=0.0)), "karcher:merge",
-           base="ignored", reference="https://arxiv.org/abs/2603.04972"),
-    Method("sce", "SCE", (Param("int8_mask", bool, False), Param("select_topk", float, 1.0, **_DENSITY)), "sce:merge",
-           base="required", reference="https://arxiv.org/abs/2408.07990"),
-    Method("nearswap", "NearSwap", (Param("t", float, low=0.0),), "nearswap:merge", base="required", min_inputs=2, max_inputs=2,
-           optional_policy="passthrough_base_singleton", reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
-    Method("arcee_fusion", "Arcee Fusion", (), "arcee_fusion:merge", base="required", min_inputs=2, max_inputs=2,
-           optional_policy="passthrough_singleton", random=True, float32_result=True, reference="https://arcee.ai",
-           note="byte-identical up to 1,000,000 elements; above, its quartiles come from a seeded sample: reproducible"),  # samples past 1M elements
-    Method("ram", "Reinforced Agent Merging", (Param("epsilon", float, 1e-5, low=0.0),), "ram:merge_ram", base="required",
-           reference="https://arxiv.org/abs/2601.13572"),
-    Method("ramplus_tl", "Reinforced Agent Merging Plus (Tensor-Local)",
-           (Param("r", float, 0.1, low=0.0), Param("alpha", float, 0.2, low=0.0), Param("epsilon", float, 1e-5, low=0.0)),
-           "ram:merge_ramplus_tl", base="required", float32_result=True, reference="https://arxiv.org/abs/2601.13572"),
+    Method(
+        "model_stock",
+        "Model Stock",
+        (Param("filter_wise", bool, False, doc="one ratio per row instead of per tensor"),),
+        "model_stock:merge",
+        base="required",
+        min_inputs=3,
+        optional_policy="base_or_skip",
+        reference="https://arxiv.org/abs/2403.19522",
+    ),
+    Method(
+        "nuslerp",
+        "NuSLERP",
+        (Param("weight", float, scope="non_base"), Param("nuslerp_row_wise", bool, False), Param("nuslerp_flatten", bool, True)),
+        "nuslerp:merge",
+        min_non_base=2,
+        max_non_base=2,
+        optional_policy="passthrough_singleton",
+    ),
+    Method(
+        "multislerp",
+        "Multi-SLERP",
+        (Param("weight", float, scope="non_base"), Param("normalize_weights", bool, True), Param("eps", float, 1e-8, low=0.0)),
+        "multislerp:merge",
+        min_non_base=1,
+        reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    ),
+    Method(
+        "karcher",
+        "Karcher Mean",
+        (Param("max_iter", int, 10, low=1), Param("tol", float, 1e-5, low=0.0)),
+        "karcher:merge",
+        base="ignored",
+        reference="https://arxiv.org/abs/2603.04972",
+    ),
+    Method(
+        "sce",
+        "SCE",
+        (Param("int8_mask", bool, False), Param("select_topk", float, 1.0, **_DENSITY)),
+        "sce:merge",
+        base="required",
+        reference="https://arxiv.org/abs/2408.07990",
+    ),
+    Method(
+        "nearswap",
+        "NearSwap",
+        (Param("t", float, low=0.0),),
+        "nearswap:merge",
+        base="required",
+        min_inputs=2,
+        max_inputs=2,
+        optional_policy="passthrough_base_singleton",
+        reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    ),
+    Method(
+        "arcee_fusion",
+        "Arcee Fusion",
+        (),
+        "arcee_fusion:merge",
+        base="required",
+        min_inputs=2,
+        max_inputs=2,
+        optional_policy="passthrough_singleton",
+        random=True,
+        float32_result=True,
+        reference="https://arcee.ai",
+        note="byte-identical up to 1,000,000 elements; above, its quartiles come from a seeded sample: reproducible",
+    ),  # samples past 1M elements
+    Method(
+        "ram",
+        "Reinforced Agent Merging",
+        (Param("epsilon", float, 1e-5, low=0.0),),
+        "ram:merge_ram",
+        base="required",
+        reference="https://arxiv.org/abs/2601.13572",
+    ),
+    Method(
+        "ramplus_tl",
+        "Reinforced Agent Merging Plus (Tensor-Local)",
+        (Param("r", float, 0.1, low=0.0), Param("alpha", float, 0.2, low=0.0), Param("epsilon", float, 1e-5, low=0.0)),
+        "ram:merge_ramplus_tl",
+        base="required",
+        float32_result=True,
+        reference="https://arxiv.org/abs/2601.13572",
+    ),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}

@@ -34,8 +34,7 @@ def merge(group: Group, *, consensus: str | None, sparsify: str | None) -> torch
         delta = other - base
         if sparsify is not None:
             extra = {k: group.per_input[k][i] for k in ("gamma", "epsilon") if k in group.per_input}
-            delta = sparsify_delta(delta, sparsify, density=group.per_input["density"][i], rescale=params["rescale"],
-                                   generator=group.generator, **extra)
+            delta = sparsify_delta(delta, sparsify, density=group.per_input["density"][i], rescale=params["rescale"], generator=group.generator, **extra)
         deltas[i] = delta
         del delta
     weights = torch.tensor(group.per_input["weight"], dtype=deltas.dtype, device=deltas.device)

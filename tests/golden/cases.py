@@ -118,7 +118,7 @@ def build_inputs(root: str, names=None) -> dict[str, str]:
     return {spec.name: spec.build(root) for spec in MODELS if spec.name in want}
 
 
-def case_inputs(case: "Case") -> set[str]:
+def case_inputs(case: Case) -> set[str]:
     """Names of the synthetic models a case (and the cases it depends on) reads."""
     out: set[str] = set()
     for dep in case.depends:
@@ -411,6 +411,7 @@ dtype: bfloat16
     ),
 )
 
+
 def _models(*entries: tuple[str, str], base: str | None = BASE, top: str = "", extra: str = "dtype: bfloat16\n") -> str:
     """A ``models:`` recipe over the method inputs: (model, parameters YAML flow mapping or '')."""
     lines = ["models:"]
@@ -437,42 +438,71 @@ _FILTERED_WEIGHT = "[{filter: self_attn, value: [0.9, 0.3]}, {filter: mlp, value
 
 METHOD_CASES: tuple[Case, ...] = (
     # base_model on a method that ignores it only fixes the config donor (mergekit picks from a set)
-    _method_case("linear", "linear", _models((FT[0], "{weight: 0.5}"), (FT[1], "{weight: 0.3}"), (FT[2], "{weight: 0.2}"), base=FT[0]),
-                 donor=FT[0], **SHARDS_2M),
-    _method_case("linear_gradients_no_normalize", "linear",
-                 _models((FT[0], f"{{weight: {_FILTERED_WEIGHT}}}"), (FT[1], "{weight: [0.1, 0.6]}"), base=FT[0], top="normalize: false"),
-                 donor=FT[0], description="per-model weight gradients and filters, normalize: false"),
-    _method_case("linear_fp32_out", "linear", _models((FT[0], "{weight: 2}"), (FT[1], "{weight: 1}"), base=FT[0],
-                 extra="dtype: float32\nout_dtype: float32\n"), donor=FT[0], description="float32 math and output"),
+    _method_case(
+        "linear", "linear", _models((FT[0], "{weight: 0.5}"), (FT[1], "{weight: 0.3}"), (FT[2], "{weight: 0.2}"), base=FT[0]), donor=FT[0], **SHARDS_2M
+    ),
+    _method_case(
+        "linear_gradients_no_normalize",
+        "linear",
+        _models((FT[0], f"{{weight: {_FILTERED_WEIGHT}}}"), (FT[1], "{weight: [0.1, 0.6]}"), base=FT[0], top="normalize: false"),
+        donor=FT[0],
+        description="per-model weight gradients and filters, normalize: false",
+    ),
+    _method_case(
+        "linear_fp32_out",
+        "linear",
+        _models((FT[0], "{weight: 2}"), (FT[1], "{weight: 1}"), base=FT[0], extra="dtype: float32\nout_dtype: float32\n"),
+        donor=FT[0],
+        description="float32 math and output",
+    ),
     _method_case("task_arithmetic", "task_arithmetic", _models((FT[0], "{weight: 0.7}"), (FT[1], "{weight: -0.3}"), top="lambda: 0.8")),
     _method_case("ties", "ties", _models(*((m, p[:-1] + ", density: 0.5}") for m, p in W3)), **SHARDS_2M),
-    _method_case("ties_int8_gradients_no_normalize", "ties",
-                 _models((FT[0], f"{{weight: {_FILTERED_WEIGHT}, density: [0.3, 0.9]}}"), (FT[1], "{weight: 0.5, density: 0.7}"),
-                         (FT[2], "{weight: [0.2, 1.0]}"), top="int8_mask: true\nnormalize: false\ndensity: 0.4"),
-                 description="int8_mask, normalize: false, density and weight gradients, filters, top-level fallback"),
-    _method_case("ties_fp32", "ties", _models(*((m, p[:-1] + ", density: 0.6}") for m, p in W3), extra="dtype: float32\n"),
-                 description="TIES computed in float32 (dtype: float32), float32 output"),
-    _method_case("ties_lambda_out_fp16", "ties", _models(*((m, p[:-1] + ", density: 0.8}") for m, p in W3), top="lambda: 1.3",
-                 extra="dtype: bfloat16\nout_dtype: float16\n")),
+    _method_case(
+        "ties_int8_gradients_no_normalize",
+        "ties",
+        _models(
+            (FT[0], f"{{weight: {_FILTERED_WEIGHT}, density: [0.3, 0.9]}}"),
+            (FT[1], "{weight: 0.5, density: 0.7}"),
+            (FT[2], "{weight: [0.2, 1.0]}"),
+            top="int8_mask: true\nnormalize: false\ndensity: 0.4",
+        ),
+        description="int8_mask, normalize: false, density and weight gradients, filters, top-level fallback",
+    ),
+    _method_case(
+        "ties_fp32",
+        "ties",
+        _models(*((m, p[:-1] + ", density: 0.6}") for m, p in W3), extra="dtype: float32\n"),
+        description="TIES computed in float32 (dtype: float32), float32 output",
+    ),
+    _method_case(
+        "ties_lambda_out_fp16",
+        "ties",
+        _models(*((m, p[:-1] + ", density: 0.8}") for m, p in W3), top="lambda: 1.3", extra="dtype: bfloat16\nout_dtype: float16\n"),
+    ),
     _method_case("dare_ties_dense", "dare_ties", _models(*((m, p[:-1] + ", density: 1.0}") for m, p in W3))),
     _method_case("dare_ties", "dare_ties", _models(*((m, p[:-1] + ", density: 0.5}") for m, p in W3)), dense="dare_ties_dense"),
     _method_case("dare_linear_dense", "dare_linear", _models((FT[0], "{weight: 0.6, density: 1.0}"), (FT[1], "{weight: 0.4, density: 1.0}"))),
-    _method_case("dare_linear", "dare_linear", _models((FT[0], "{weight: 0.6, density: 0.3}"), (FT[1], "{weight: 0.4, density: 0.3}")),
-                 dense="dare_linear_dense"),
+    _method_case(
+        "dare_linear", "dare_linear", _models((FT[0], "{weight: 0.6, density: 0.3}"), (FT[1], "{weight: 0.4, density: 0.3}")), dense="dare_linear_dense"
+    ),
     _method_case("breadcrumbs", "breadcrumbs", _models((FT[0], "{weight: 0.8, density: 0.9, gamma: 0.02}"), (FT[1], "{weight: 0.5, density: 0.8}"))),
     _method_case("breadcrumbs_ties", "breadcrumbs_ties", _models(*((m, p[:-1] + ", density: 0.85, gamma: 0.05}") for m, p in W3))),
     _method_case("della_dense", "ties", _models(*((m, p[:-1] + ", density: 1.0}") for m, p in W3))),
     _method_case("della", "della", _models(*((m, p[:-1] + ", density: 0.6, epsilon: 0.1}") for m, p in W3)), dense="della_dense"),
     _method_case("della_linear_dense", "task_arithmetic", _models((FT[0], "{weight: 0.6}"), (FT[1], "{weight: 0.4}"))),
-    _method_case("della_linear", "della_linear", _models((FT[0], "{weight: 0.6, density: 0.5, epsilon: 0.2}"), (FT[1], "{weight: 0.4, density: 0.5}")),
-                 dense="della_linear_dense"),
+    _method_case(
+        "della_linear",
+        "della_linear",
+        _models((FT[0], "{weight: 0.6, density: 0.5, epsilon: 0.2}"), (FT[1], "{weight: 0.4, density: 0.5}")),
+        dense="della_linear_dense",
+    ),
     _method_case("model_stock", "model_stock", _models((FT[0], ""), (FT[1], ""), (FT[2], ""))),
     _method_case("model_stock_filter_wise", "model_stock", _models((FT[0], ""), (FT[1], ""), top="filter_wise: true")),
     _method_case("nuslerp", "nuslerp", _models((FT[0], "{weight: 0.7}"), (FT[1], "{weight: 0.3}"), base=None), donor=FT[0]),
-    _method_case("nuslerp_base_row_wise", "nuslerp", _models((FT[0], "{weight: 0.5}"), (FT[1], "{weight: 0.8}"),
-                 top="nuslerp_flatten: false\nnuslerp_row_wise: true")),
-    _method_case("multislerp", "multislerp", _models((FT[0], "{weight: 0.5}"), (FT[1], "{weight: 0.3}"), (FT[2], "{weight: 0.2}"), base=None),
-                 donor=FT[0]),
+    _method_case(
+        "nuslerp_base_row_wise", "nuslerp", _models((FT[0], "{weight: 0.5}"), (FT[1], "{weight: 0.8}"), top="nuslerp_flatten: false\nnuslerp_row_wise: true")
+    ),
+    _method_case("multislerp", "multislerp", _models((FT[0], "{weight: 0.5}"), (FT[1], "{weight: 0.3}"), (FT[2], "{weight: 0.2}"), base=None), donor=FT[0]),
     _method_case("multislerp_base", "multislerp", _models((FT[0], "{weight: 0.5}"), (FT[1], "{weight: 0.5}"), top="normalize_weights: false")),
     _method_case("karcher", "karcher", _models((FT[0], ""), (FT[1], ""), (FT[2], ""), base=FT[0], top="max_iter: 5\ntol: 1.0e-6"), donor=FT[0]),
     _method_case("sce", "sce", _models((FT[0], ""), (FT[1], ""), (FT[2], ""), top="select_topk: 0.5")),

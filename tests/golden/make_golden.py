@@ -207,8 +207,14 @@ def main(argv=None) -> int:
     mk_yaml = os.path.join(args.mergekit_bin, "mergekit-yaml")
     mk_python = os.path.join(args.mergekit_bin, "python")
     version = subprocess.run(
-        [mk_python, "-c", "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'), m.version('transformers'), m.version('safetensors'))"],
-        capture_output=True, text=True, check=True,
+        [
+            mk_python,
+            "-c",
+            "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'), m.version('transformers'), m.version('safetensors'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
 
     work = os.path.abspath(args.keep) if args.keep else tempfile.mkdtemp(prefix="nyxray-golden-")
@@ -254,7 +260,7 @@ def main(argv=None) -> int:
         with open(os.path.join(donor_dir, "tokenizer_config.json")) as fh:
             want_source = json.load(fh).get("source")
         cmd = [*prefix, mk_yaml, *C.mergekit_args(case, rp, out_dir)]
-        for attempt in range(12):
+        for _ in range(12):
             shutil.rmtree(out_dir, ignore_errors=True)
             t1 = time.time()
             proc = subprocess.run(cmd, env=dict(env, PYTHONHASHSEED=str(seed)), capture_output=True, text=True)

@@ -23,8 +23,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -63,8 +64,7 @@ class Case:
     check: Callable[[torch.Tensor, torch.Tensor], tuple[bool, str]] | None = None
 
 
-def models(shape: tuple[int, ...], count: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-           noise: float = 0.05) -> list[torch.Tensor]:
+def models(shape: tuple[int, ...], count: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0, noise: float = 0.05) -> list[torch.Tensor]:
     """A base then ``count - 1`` fine-tunes: base + noise, the noise ``noise`` times the base's scale."""
     g = torch.Generator().manual_seed(seed)
     scale = 0.02
@@ -127,10 +127,24 @@ def declaration_problem(name: str) -> str | None:
     spec, ours = mk_registry.get(name).spec, registry.get(name)
     assert ours is not None, name
     c = spec.contract
-    theirs = (c.base.value, c.min_inputs, c.max_inputs, c.min_non_base, c.max_non_base, spec.optional_tensor_policy.value,
-              sorted((p.name, p.scope.value, None if p.default is MISSING else p.default, p.value_type) for p in spec.parameters))
-    mine = (ours.base, ours.min_inputs, ours.max_inputs, ours.min_non_base, ours.max_non_base, ours.optional_policy,
-            sorted((p.name, p.scope, None if p.default is REQUIRED else p.default, p.kind) for p in ours.params))
+    theirs = (
+        c.base.value,
+        c.min_inputs,
+        c.max_inputs,
+        c.min_non_base,
+        c.max_non_base,
+        spec.optional_tensor_policy.value,
+        sorted((p.name, p.scope.value, None if p.default is MISSING else p.default, p.value_type) for p in spec.parameters),
+    )
+    mine = (
+        ours.base,
+        ours.min_inputs,
+        ours.max_inputs,
+        ours.min_non_base,
+        ours.max_non_base,
+        ours.optional_policy,
+        sorted((p.name, p.scope, None if p.default is REQUIRED else p.default, p.kind) for p in ours.params),
+    )
     return None if theirs == mine else f"mergekit {theirs}\n  nyxray   {mine}"
 
 
@@ -148,24 +162,29 @@ def geometric_cases() -> list[Case]:
     for fw in (False, True):
         each_shape("model_stock", f"base+2 filter_wise={fw}", 3, 0, params={"filter_wise": fw})
         base, *tuned = models(MATRIX, 4, seed=1)
-        cases.append(Case("model_stock", f"base+3 base 3rd filter_wise={fw}", [*tuned[:2], base, tuned[2]], 2,
-                          params={"filter_wise": fw}))
+        cases.append(Case("model_stock", f"base+3 base 3rd filter_wise={fw}", [*tuned[:2], base, tuned[2]], 2, params={"filter_wise": fw}))
     cases.append(Case("model_stock", "base+3 default", models(BIG, 4, seed=2), 0))
 
     w = {"weight": [0.3, 0.7]}
     for flat, row in ((True, False), (False, False), (False, True)):
         opts = {"nuslerp_flatten": flat, "nuslerp_row_wise": row}
         each_shape("nuslerp", f"base+2 flatten={flat} row_wise={row}", 3, 0, params=opts, per_input=w)
-        cases.append(Case("nuslerp", f"no base flatten={flat} row_wise={row}", models(MATRIX, 3)[1:], None, params=opts,
-                          per_input=w))
+        cases.append(Case("nuslerp", f"no base flatten={flat} row_wise={row}", models(MATRIX, 3)[1:], None, params=opts, per_input=w))
     cases.append(Case("nuslerp", "base 2nd, defaults, weights sum 0", models(MATRIX, 3, seed=3), 1, per_input={"weight": [1.0, -1.0]}))
 
     each_shape("multislerp", "base+3", 4, 0, per_input={"weight": [0.5, 0.3, 0.2]})
     cases.append(Case("multislerp", "no base, 3", models(MATRIX, 3, seed=4), None, per_input={"weight": [1.0, 2.0, 3.0]}))
-    cases.append(Case("multislerp", "base+3 normalize_weights=False", models(MATRIX, 4, seed=5), 0,
-                      params={"normalize_weights": False}, per_input={"weight": [0.5, 0.3, 0.2]}))
-    cases.append(Case("multislerp", "base+2 eps=1e-3", models(NORM, 3, seed=6), 0, params={"eps": 1e-3},
-                      per_input={"weight": [1.0, 1.0]}))
+    cases.append(
+        Case(
+            "multislerp",
+            "base+3 normalize_weights=False",
+            models(MATRIX, 4, seed=5),
+            0,
+            params={"normalize_weights": False},
+            per_input={"weight": [0.5, 0.3, 0.2]},
+        )
+    )
+    cases.append(Case("multislerp", "base+2 eps=1e-3", models(NORM, 3, seed=6), 0, params={"eps": 1e-3}, per_input={"weight": [1.0, 1.0]}))
     cases.append(Case("multislerp", "base+1 (the model itself)", models(MATRIX, 2), 0, per_input={"weight": [1.0]}))
     antipodes = models(MATRIX, 1, seed=7)[0]
     cases.append(Case("multislerp", "two antipodes: linear", [antipodes, -antipodes], None, per_input={"weight": [1.0, 1.0]}))
@@ -185,8 +204,7 @@ def geometric_cases() -> list[Case]:
     each_shape("arcee_fusion", "base+1 (big: same seed both sides)", 2, 0, seed=1234)
     cases.append(Case("arcee_fusion", "base 2nd", models(MATRIX, 2, seed=12), 1))
 
-    for method, variants in (("ram", ({}, {"epsilon": 1e-3})),
-                             ("ramplus_tl", ({}, {"r": 0.5, "alpha": 0.6}, {"epsilon": 1e-3, "r": 0.3}))):
+    for method, variants in (("ram", ({}, {"epsilon": 1e-3})), ("ramplus_tl", ({}, {"r": 0.5, "alpha": 0.6}, {"epsilon": 1e-3, "r": 0.3}))):
         for params in variants:
             each_shape(method, f"base+3 {params or 'defaults'}", 4, 0, params=params)
         cases.append(Case(method, "base 2nd, base+2", models(MATRIX, 3, seed=13), 1))
@@ -209,35 +227,39 @@ def gta_cases() -> list[Case]:
 
     # task_arithmetic: no sparsification, no consensus
     each_shape("task_arithmetic", "base+3 w=.3,.5,.2", per_input=w3)
-    each_shape("task_arithmetic", "base+3 w=1,-.5,.7 normalize lambda=.7", params={"normalize": True, "lambda": 0.7},
-               per_input=signed)
-    cases.append(Case("task_arithmetic", "base 2nd, weights sum 0, normalize", models(MATRIX, 3, seed=1), 1,
-                      params={"normalize": True}, per_input={"weight": [0.5, -0.5]}))
+    each_shape("task_arithmetic", "base+3 w=1,-.5,.7 normalize lambda=.7", params={"normalize": True, "lambda": 0.7}, per_input=signed)
+    cases.append(
+        Case(
+            "task_arithmetic", "base 2nd, weights sum 0, normalize", models(MATRIX, 3, seed=1), 1, params={"normalize": True}, per_input={"weight": [0.5, -0.5]}
+        )
+    )
     cases.append(Case("task_arithmetic", "base alone", models(MATRIX, 1), 0, per_input={"weight": []}))
     cases.append(Case("task_arithmetic", "base+2 f16", models(MATRIX, 3, torch.float16, seed=2), 0, per_input={"weight": [0.6, 0.4]}))
 
     # ties: magnitude top-k, sign consensus
     for density in (1.0, 0.5, 0.1):
         each_shape("ties", f"base+3 density={density}", per_input=w3 | {"density": density})
-    each_shape("ties", "base+3 w=1,-.5,.7 densities .3,.5,.9 int8_mask", params={"int8_mask": True},
-               per_input=signed | {"density": [0.3, 0.5, 0.9]})
-    each_shape("ties", "base+3 normalize=False lambda=1.3 rescale", params={"normalize": False, "lambda": 1.3, "rescale": True},
-               per_input=w3 | {"density": 0.4})
-    cases.append(Case("ties", "base 3rd, weights sum 0 at some entries", models(MATRIX, 4, seed=3), 2,
-                      per_input={"weight": [1.0, -1.0, 0.5], "density": 0.6}))
+    each_shape("ties", "base+3 w=1,-.5,.7 densities .3,.5,.9 int8_mask", params={"int8_mask": True}, per_input=signed | {"density": [0.3, 0.5, 0.9]})
+    each_shape(
+        "ties", "base+3 normalize=False lambda=1.3 rescale", params={"normalize": False, "lambda": 1.3, "rescale": True}, per_input=w3 | {"density": 0.4}
+    )
+    cases.append(Case("ties", "base 3rd, weights sum 0 at some entries", models(MATRIX, 4, seed=3), 2, per_input={"weight": [1.0, -1.0, 0.5], "density": 0.6}))
     cases.append(Case("ties", "base+1 density=0.3", models(NORM, 2, seed=4), 0, per_input={"weight": [1.0], "density": 0.3}))
-    cases.append(Case("ties", "base+2 f16 density=0.5", models(MATRIX, 3, torch.float16, seed=5), 0,
-                      per_input={"weight": [0.6, 0.4], "density": 0.5}))
+    cases.append(Case("ties", "base+2 f16 density=0.5", models(MATRIX, 3, torch.float16, seed=5), 0, per_input={"weight": [0.6, 0.4], "density": 0.5}))
 
     # breadcrumbs: drop the largest gamma and the smallest
     for gamma, density in ((0.01, 0.9), (0.1, 0.5), (0.5, 0.7)):  # the last: gamma + density > 1
         each_shape("breadcrumbs", f"base+3 gamma={gamma} density={density}", per_input=w3 | {"density": density, "gamma": gamma})
-    each_shape("breadcrumbs", "base+3 w=1,-.5,.7 default gamma rescale normalize", params={"rescale": True, "normalize": True},
-               per_input=signed | {"density": 0.6})
-    each_shape("breadcrumbs_ties", "base+3 gammas .02,.1,0 densities .8,.5,.3 lambda=.5", params={"lambda": 0.5},
-               per_input=signed | {"density": [0.8, 0.5, 0.3], "gamma": [0.02, 0.1, 0.0]})
-    each_shape("breadcrumbs_ties", "base+3 default gamma normalize int8_mask", params={"normalize": True, "int8_mask": True},
-               per_input=w3 | {"density": 0.5})
+    each_shape(
+        "breadcrumbs", "base+3 w=1,-.5,.7 default gamma rescale normalize", params={"rescale": True, "normalize": True}, per_input=signed | {"density": 0.6}
+    )
+    each_shape(
+        "breadcrumbs_ties",
+        "base+3 gammas .02,.1,0 densities .8,.5,.3 lambda=.5",
+        params={"lambda": 0.5},
+        per_input=signed | {"density": [0.8, 0.5, 0.3], "gamma": [0.02, 0.1, 0.0]},
+    )
+    each_shape("breadcrumbs_ties", "base+3 default gamma normalize int8_mask", params={"normalize": True, "int8_mask": True}, per_input=w3 | {"density": 0.5})
 
     # the random ones with density 1 draw nothing: bit-exact too
     for method in ("dare_ties", "dare_linear", "della", "della_linear"):
@@ -248,13 +270,19 @@ def gta_cases() -> list[Case]:
     for name, shape in shapes.items():
         cases.append(Case("linear", f"4 models {name}", models(shape, 4), None, per_input=linear4))
     cases.append(Case("linear", "4 models big f32", models(BIG, 4, torch.float32), None, per_input=linear4))
-    cases.append(Case("linear", "4 models f16 w=2,-1,.5,.25 normalize=False", models(MATRIX, 4, torch.float16), None,
-                      params={"normalize": False}, per_input={"weight": [2.0, -1.0, 0.5, 0.25]}))
-    cases.append(Case("linear", "4 models f64 w=.1,.2,.3,.4", models(MATRIX, 4, torch.float64), None,
-                      per_input={"weight": [0.1, 0.2, 0.3, 0.4]}))
+    cases.append(
+        Case(
+            "linear",
+            "4 models f16 w=2,-1,.5,.25 normalize=False",
+            models(MATRIX, 4, torch.float16),
+            None,
+            params={"normalize": False},
+            per_input={"weight": [2.0, -1.0, 0.5, 0.25]},
+        )
+    )
+    cases.append(Case("linear", "4 models f64 w=.1,.2,.3,.4", models(MATRIX, 4, torch.float64), None, per_input={"weight": [0.1, 0.2, 0.3, 0.4]}))
     cases.append(Case("linear", "base 2nd (ignored) w=1,-.3,.5", models(BIG, 3, seed=7), 1, per_input={"weight": [1.0, -0.3, 0.5]}))
-    cases.append(Case("linear", "1 model w=.7 normalize=False", models(MATRIX, 1), None, params={"normalize": False},
-                      per_input={"weight": [0.7]}))
+    cases.append(Case("linear", "1 model w=.7 normalize=False", models(MATRIX, 1), None, params={"normalize": False}, per_input={"weight": [0.7]}))
 
     # sce: variance selection, mean-square weights, sign election
     for topk in (1.0, 0.5, 0.05):
@@ -281,8 +309,7 @@ def _random_gta_cases() -> list[Case]:
             for dtype in (torch.bfloat16, torch.float32):
                 label = f"base+1 density={density} rescale={rescale} {str(dtype).removeprefix('torch.')}"
                 per_input = {"weight": [1.0], "density": [density]} | {k: [v] for k, v in extra.items()}
-                add(Case(method, label, models(BIG, 2, dtype, seed=10, noise=1.0), 0, params={"rescale": rescale},
-                         per_input=per_input, seed=1), density)
+                add(Case(method, label, models(BIG, 2, dtype, seed=10, noise=1.0), 0, params={"rescale": rescale}, per_input=per_input, seed=1), density)
         per_input = {"weight": [0.5, -0.3, 0.8], "density": [0.3, 0.5, 0.6]} | {k: [v] * 3 for k, v in extra.items()}
         add(Case(method, "base+3 densities .3,.5,.6", models(BIG, 4, seed=11), 0, per_input=per_input, seed=2))
     return cases
@@ -294,12 +321,12 @@ def _statistically(case: Case, density: float | None) -> Callable[[torch.Tensor,
     fine-tune's ``density``, keeps the same fraction of entries (within 0.005; for DARE also within
     0.005 of ``density`` as the work dtype rounds it). Also says whether mergekit with the same seed
     gave the same bits (torch's CPU bernoulli draws as nyxray does): informative, not required."""
+
     def check(ours: torch.Tensor, same_seed: torch.Tensor) -> tuple[bool, str]:
         if ours.dtype != same_seed.dtype or ours.shape != same_seed.shape:
             return False, f"ours {ours.dtype} {tuple(ours.shape)} vs {same_seed.dtype} {tuple(same_seed.shape)}"
         theirs = mergekit_result(replace(case, seed=(case.seed or 0) + 1000, check=None))
-        dense = mergekit_result(replace(case, per_input=case.per_input | {"density": [1.0] * len(case.per_input["density"])},
-                                        seed=None, check=None)).double()
+        dense = mergekit_result(replace(case, per_input=case.per_input | {"density": [1.0] * len(case.per_input["density"])}, seed=None, check=None)).double()
         far = [(x.double() - dense).abs().mean().item() for x in (ours, theirs)]
         ok = abs(far[0] / far[1] - 1) < 0.03
         text = f"mean|out-dense| {far[0]:.4g} vs {far[1]:.4g}"
@@ -315,6 +342,7 @@ def _statistically(case: Case, density: float | None) -> Callable[[torch.Tensor,
         return ok, ("statistically equal: " if ok else "") + text
 
     return check
+
 
 SUITES: tuple[Callable[[], list[Case]], ...] = (geometric_cases, gta_cases)
 
@@ -335,8 +363,9 @@ def main(argv: list[str]) -> int:
         ok, why = (case.check or compare)(ours, theirs)
         failures += not ok
         dtype = str(theirs.dtype).removeprefix("torch.")
-        print(f"{case.method:<14} {case.label:<44} {dtype:<9} {time.perf_counter() - start:5.1f}  "
-              f"{(why or 'bit-exact') if ok else 'MISMATCH ' + why}", flush=True)
+        print(
+            f"{case.method:<14} {case.label:<44} {dtype:<9} {time.perf_counter() - start:5.1f}  {(why or 'bit-exact') if ok else 'MISMATCH ' + why}", flush=True
+        )
     print("all bit-exact (random cases: statistically equal), declarations as mergekit's" if not failures else f"{failures} failure(s)")
     return 1 if failures else 0
 
