@@ -16,24 +16,11 @@ import torch
 
 from nyxray.methods import registry
 from nyxray.methods._geometry import single_threaded
-from nyxray.methods.base import REQUIRED, Group
 
 
 def call(name: str, tensors: list[torch.Tensor], base: int | None, generator: torch.Generator | None = None, **values: Any) -> torch.Tensor:
     """Run a method as the planner would: values set here, the registry's defaults for the rest."""
-    method = registry.get(name)
-    assert method is not None
-    n_non_base = len(tensors) - (base is not None)
-    params, per_input = {}, {}
-    for p in method.params:
-        value = values.get(p.name, p.default)
-        assert value is not REQUIRED, p.name
-        if p.scope == "shared":
-            params[p.name] = value
-        else:
-            count = len(tensors) if p.scope == "input" else n_non_base
-            per_input[p.name] = value if isinstance(value, list) else [value] * count
-    return registry.function(method)(Group(list(tensors), base, params, per_input, generator))
+    return registry.merge_tensors(name, tensors, base, generator, **values)
 
 
 def models(shape: tuple[int, ...], count: int, dtype: torch.dtype = torch.float64, seed: int = 0, noise: float = 0.05) -> list[torch.Tensor]:

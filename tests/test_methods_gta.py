@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from nyxray.methods import registry
-from nyxray.methods.base import REQUIRED, Group
 from nyxray.methods.sparsify import sparsify
 
 F64 = torch.float64
@@ -21,19 +20,8 @@ F64 = torch.float64
 def run(method: str, tensors: list[torch.Tensor], base: int | None = 0, seed: int | None = None, **given: Any) -> torch.Tensor:
     """The method's math through its registry entry, unset parameters at their declared defaults;
     ``given`` values for per-input parameters may be scalars (one for every input of the scope)."""
-    decl = registry.get(method)
-    assert decl is not None
-    n = {"input": len(tensors), "non_base": len(tensors) - (base is not None)}
-    params, per_input = {}, {}
-    for p in decl.params:
-        value = given.get(p.name, p.default)
-        assert value is not REQUIRED, p.name
-        if p.scope == "shared":
-            params[p.name] = value
-        else:
-            per_input[p.name] = list(value) if isinstance(value, (list, tuple)) else [value] * n[p.scope]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return registry.function(decl)(Group(list(tensors), base, params, per_input, generator))
+    return registry.merge_tensors(method, tensors, base, generator, **given)
 
 
 def models(count: int, shape: tuple[int, ...] = (64, 48), dtype: torch.dtype = F64, seed: int = 0) -> list[torch.Tensor]:

@@ -9,11 +9,15 @@ validates parameters against these declarations, the planner resolves them per t
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from ..errors import did_you_mean
 from .base import Method, Param
+
+if TYPE_CHECKING:  # planning never loads torch: only the math and this helper's callers do
+    import torch
 
 _DENSITY = dict(low=0.0, high=1.0, low_open=True)
 
@@ -184,6 +188,27 @@ def get(name: str) -> Method | None:
 
 def unknown_method_hint(name: str) -> str:
     return f"{did_you_mean(name, tuple(METHODS))}; nyxray supports {', '.join(METHODS)}"
+
+
+def merge_tensors(name: str, tensors: Sequence[torch.Tensor], base: int | None = None, generator: torch.Generator | None = None, **values: Any) -> torch.Tensor:
+    """Run method ``name`` on tensors in memory (tests, notebooks, the parity script): ``values``
+    set parameters, a per-input one as a list or as one value for every input of its scope; the
+    others take their declared defaults. ``generator`` feeds a random method's draws."""
+    from .base import REQUIRED, Group
+
+    method = METHODS[name]
+    count = {"input": len(tensors), "non_base": len(tensors) - (base is not None)}
+    params: dict[str, Any] = {}
+    per_input: dict[str, list[Any]] = {}
+    for p in method.params:
+        value = values.get(p.name, p.default)
+        if value is REQUIRED:
+            raise TypeError(f"{name} needs a value for {p.name}")
+        if p.scope == "shared":
+            params[p.name] = value
+        else:
+            per_input[p.name] = list(value) if isinstance(value, (list, tuple)) else [value] * count[p.scope]
+    return function(method)(Group(list(tensors), base, params, per_input, generator))
 
 
 def function(method: Method) -> Callable:

@@ -37,7 +37,7 @@ from mergekit.merge_methods import registry as mk_registry  # noqa: E402
 from mergekit.merge_methods.base import MISSING, TensorGroup  # noqa: E402
 
 from nyxray.methods import registry  # noqa: E402
-from nyxray.methods.base import REQUIRED, Group  # noqa: E402
+from nyxray.methods.base import REQUIRED  # noqa: E402
 
 BIG = (1100, 1000)  # over 2**20 elements (and over arcee_fusion's 1,000,000-element sample)
 MATRIX = (96, 80)
@@ -88,23 +88,11 @@ def mergekit_result(case: Case) -> torch.Tensor:
 
 
 def nyxray_result(case: Case) -> torch.Tensor:
-    method = registry.get(case.method)
-    assert method is not None, case.method
-    params, per_input = {}, {}
-    count = {"shared": 1, "input": len(case.tensors), "non_base": len(case.tensors) - (case.base is not None)}
-    for p in method.params:
-        given = case.per_input.get(p.name) if p.scope != "shared" else case.params.get(p.name, REQUIRED)
-        value = p.default if given is None or given is REQUIRED else given
-        assert value is not REQUIRED, f"{case.method}: the case must set {p.name}"
-        if p.scope == "shared":
-            params[p.name] = value
-        else:
-            per_input[p.name] = value if isinstance(value, list) else [value] * count[p.scope]
     generator = torch.Generator().manual_seed(case.seed) if case.seed is not None else None
     threads = torch.get_num_threads()
     torch.set_num_threads(NYXRAY_THREADS)
     try:
-        return registry.function(method)(Group(list(case.tensors), case.base, params, per_input, generator))
+        return registry.merge_tensors(case.method, case.tensors, case.base, generator, **case.params, **case.per_input)
     finally:
         torch.set_num_threads(threads)
 
