@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from ..graph import Expr, Leaf, leaves
 from ..parts import PartJob, digest_mismatch
-from ..plan import PlannedTensor, ShardPlan
+from ..plan import ShardPlan
+from ..plan_tensor import PlannedTensor
 from ..storage import Location, Range, read_ranges
 
 BATCH_BYTES = 64 * 2**20
