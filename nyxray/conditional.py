@@ -7,10 +7,12 @@ they created or replaced the object:
   ``DeleteObject`` with ``If-Match``. AWS S3 and SeaweedFS honour them (a refused condition is
   ``412 PreconditionFailed``; AWS may answer ``409`` to a concurrent conditional write, which is
   treated the same). A server that ignores the headers degrades to last-writer-wins.
-* Local files: create is ``link(2)`` of a complete temporary file (atomic and exclusive, so a
-  reader never sees a half-written object); replace and delete first ``rename(2)`` the current
-  object to a private name (only one process can win that), check it is still the version the
-  caller saw, and put it back when it is not.
+* Local files: every change runs under a short mutex (``<name>.cas``, created with ``O_EXCL``)
+  that makes check-then-write one step; the object itself is always written whole to a temporary
+  file and renamed into place, so a reader never sees a half-written one. (Moving the object
+  aside to check it, the first design, left a moment with no object at all, in which a third
+  process could create one: two winners.) A mutex older than ``_MUTEX_STALE_S`` belongs to a
+  process that died inside those few lines and is broken.
 * Other fsspec backends: check, then write (best effort; not atomic).
 
 A version is opaque: the ETag on S3, the sha256 of the content elsewhere.
@@ -18,9 +20,12 @@ A version is opaque: the ETag on S3, the sha256 of the content elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import StorageError
@@ -59,12 +64,11 @@ def replace(loc: Location, name: str, data: bytes, version: str) -> str | None:
     if loc.protocol in S3:
         return _s3_put(loc, name, data, IfMatch=version)
     if loc.is_local:
-        tomb = _take(loc.path(name), version)
-        if tomb is None:
-            return None
-        new = _local_create(loc.path(name), data)
-        os.unlink(tomb)
-        return new
+        path = loc.path(name)
+        with _mutex(path):
+            if _local_version(path) != version:
+                return None
+            return _local_write(path, data)
     current = read(loc, name)
     if current is None or current[1] != version:
         return None
@@ -77,10 +81,12 @@ def delete(loc: Location, name: str, version: str) -> bool:
     if loc.protocol in S3:
         return _s3_call(loc, name, "delete_object", IfMatch=version) is not None
     if loc.is_local:
-        tomb = _take(loc.path(name), version)
-        if tomb is not None:
-            os.unlink(tomb)
-        return tomb is not None
+        path = loc.path(name)
+        with _mutex(path):
+            if _local_version(path) != version:
+                return False
+            os.unlink(path)
+            return True
     current = read(loc, name)
     if current is None or current[1] != version:
         return False
@@ -92,48 +98,62 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _local_create(path: str, data: bytes) -> str | None:
-    try:
-        return _link_new(path, data)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise StorageError(f"{path}: cannot write: {e.strerror}") from None
+_MUTEX_STALE_S = 10.0
 
 
-def _link_new(path: str, data: bytes) -> str | None:
+@contextlib.contextmanager
+def _mutex(path: str) -> Iterator[None]:
+    """Hold ``<path>.cas`` while checking and changing ``path`` (a few file operations)."""
+    lock = f"{path}.cas"
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.new"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    deadline = time.monotonic() + 4 * _MUTEX_STALE_S
+    while True:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.stat(lock).st_mtime > _MUTEX_STALE_S:
+                    os.unlink(lock)  # its holder died mid-change
+                    continue
+            if time.monotonic() > deadline:
+                raise StorageError(f"{lock}: held for over {4 * _MUTEX_STALE_S:.0f} s; remove it if no nyxray run is writing here") from None
+            time.sleep(0.002)
     try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return None
+        yield
     finally:
-        os.unlink(tmp)
+        os.unlink(lock)
+
+
+def _local_version(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return _digest(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _local_write(path: str, data: bytes) -> str:
+    """Write ``path`` whole (a temporary file renamed into place); its version."""
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.new"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StorageError(f"{path}: cannot write: {e.strerror}") from None
     return _digest(data)
 
 
-def _take(path: str, version: str) -> str | None:
-    """Move ``path`` aside if it is at ``version``: the private name it now has, else None (and
-    whatever was moved aside by mistake is put back, unless the name was taken again meanwhile)."""
-    tomb = f"{path}.{uuid.uuid4().hex[:8]}.old"
-    try:
-        os.rename(path, tomb)
-    except FileNotFoundError:
-        return None
-    with open(tomb, "rb") as f:
-        if _digest(f.read()) == version:
-            return tomb
-    try:
-        os.link(tomb, path)
-    except FileExistsError:
-        pass  # a newer object took the name: the one moved aside has lost (its owner will see it)
-    os.unlink(tomb)
-    return None
+def _local_create(path: str, data: bytes) -> str | None:
+    with _mutex(path):
+        if os.path.exists(path):
+            return None
+        return _local_write(path, data)
 
 
 def _s3_key(loc: Location, name: str) -> tuple[str, str]:
