@@ -50,16 +50,24 @@ def plan_text(p: Plan) -> str:
 
 def _parameter_lines(stage: StagePlan) -> list[str]:
     """Per tensor group (layer numbers folded): the range of every parameter and where each value
-    came from in the recipe."""
+    came from in the recipe; a parameter with one value and one source for every tensor is shown
+    once, under "every tensor"."""
     groups: dict[tuple[str, str, str], list[Any]] = {}
     for t in stage.tensors:
         for label, value, source in t.params:
             groups.setdefault((_group(t.name), label, source), []).append(value)
     if not groups:
         return []
-    lines = [f"parameters of {stage.recipe.merge_method} per tensor group" + (f" (random_seed {stage.random_seed})" if _random(stage) else "") + ":"]
-    for (g, label, source), values in sorted(groups.items()):
-        lines.append(f"  {g}: {label} = {_span(values)}  [{source}]")
+    names = {g for g, _, _ in groups}
+    rows = {(g, label, f"{label} = {_span(values)}  [{source}]") for (g, label, source), values in groups.items()}
+    by_label: dict[str, set[tuple[str, str]]] = {}
+    for g, label, text in rows:
+        by_label.setdefault(label, set()).add((g, text))
+    common = {label for label, seen in by_label.items() if len({text for _, text in seen}) == 1 and {g for g, _ in seen} == names}
+    seed = f" (random_seed {stage.random_seed})" if _random(stage) else ""
+    lines = [f"parameters of {stage.recipe.merge_method}{seed}:"]
+    lines += [f"  every tensor: {next(iter(by_label[label]))[1]}" for label in sorted(common)]
+    lines += [f"  {g}: {text}" for g, label, text in sorted(rows) if label not in common]
     return lines
 
 

@@ -196,11 +196,11 @@ def test_grid_may_set_a_parameter_the_base_recipe_leaves_to_its_default(models, 
 
 def test_plan_shows_each_parameter_range_and_its_source(models):
     text = plan_text(nyxray.plan(ties(models, "dare_ties")))
-    assert "parameters of dare_ties per tensor group (random_seed 0):" in text
+    assert "parameters of dare_ties (random_seed 0):" in text
     ft2 = models["ft2"]
     assert f"model.layers.*.mlp.up_proj.weight: density[{ft2}] = 0.3 .. 0.9 (varies by layer)  [models[1].parameters.density]" in text
-    assert "model.embed_tokens.weight: rescale = True  [default]" in text
-    assert f"weight[{models['ft1']}] = 0.6  [models[0].parameters.weight]" in text
+    assert "every tensor: rescale = True  [default]" in text and "embed_tokens.weight: rescale" not in text
+    assert f"every tensor: weight[{models['ft1']}] = 0.6  [models[0].parameters.weight]" in text
 
 
 def test_mergekit_yaml_flags_are_accepted(models, tmp_path, capsys):
