@@ -58,25 +58,15 @@ def s3_src(s3_server, nyxene_sources):
 # -- a second merge into a busy output --------------------------------------------------------------
 
 
+def merge_command(out: str, sources: str) -> list[str]:
+    """``nyxray merge`` of the first Nyxene stage into ``out``, in process, as a user types it."""
+    return [sys.executable, "-m", "nyxray.cli", "merge", STAGE1A, out, "--models-root", sources, "--executor", "local", "--device", "cpu",
+            "--out-shard-size", "300K", "--quiet"]  # fmt: skip
+
+
 def test_second_local_merge_stops_at_once_naming_output_and_holder(nyxene_sources, tmp_path):
     out = str(tmp_path / "out")
-    cmd = [
-        sys.executable,
-        "-m",
-        "nyxray.cli",
-        "merge",
-        STAGE1A,
-        out,
-        "--models-root",
-        nyxene_sources,
-        "--executor",
-        "local",
-        "--device",
-        "cpu",
-        "--out-shard-size",
-        "300K",
-        "--quiet",
-    ]
+    cmd = merge_command(out, nyxene_sources)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -197,23 +187,7 @@ def test_live_foreign_lease_blocks_and_a_dead_local_holder_does_not(nyxene_sourc
 def test_a_run_that_lost_its_lease_does_not_commit(nyxene_sources, tmp_path):
     out = str(tmp_path / "out")
     env = dict(os.environ, NYXRAY_LEASE_TTL="2")
-    cmd = [
-        sys.executable,
-        "-m",
-        "nyxray.cli",
-        "merge",
-        STAGE1A,
-        out,
-        "--models-root",
-        nyxene_sources,
-        "--executor",
-        "local",
-        "--device",
-        "cpu",
-        "--out-shard-size",
-        "300K",
-        "--quiet",
-    ]
+    cmd = merge_command(out, nyxene_sources)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
