@@ -252,10 +252,9 @@ def _one(st: StageContext, p: Param, levels: list, tensor_name: str, pos: float,
 
 
 def _check_weight_sum(st: StageContext, shared: dict, per_input: dict, shown: list, out: str) -> None:
-    """A normalised merge divides by the sum of the weights: a sum of 0 has no meaning. (With a
-    sign consensus, TIES-like methods divide by a per-element sum instead: no such rule there.)"""
-    normalize = shared.get("normalize", shared.get("normalize_weights", False))
-    if not normalize or "weight" not in per_input or dict(st.method.options).get("consensus"):
+    """A normalised merge divides by the sum of the weights: a sum of 0 has no meaning."""
+    flag = st.method.divides_by_weight_sum
+    if flag is None or not shared.get(flag):
         return
     if abs(sum(per_input["weight"])) < 1e-8:
         paths = sorted({where for label, _, where in shown if label.startswith("weight[")})

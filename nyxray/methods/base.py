@@ -125,6 +125,9 @@ class Method:
     # A rule across one non-base input's per-input values (name -> value) that single ranges cannot
     # say; returns the problem, or None. Checked at plan time for every tensor and input.
     input_rule: Callable[[dict[str, Any]], str | None] | None = None
+    # The shared boolean parameter under which the method divides by the sum of the weights
+    # (``normalize``): a recipe whose weights sum to 0 there is refused at plan time.
+    divides_by_weight_sum: str | None = None
     options: tuple[tuple[str, object], ...] = ()  # keyword switches of a family's shared function
     reference: str = ""
 

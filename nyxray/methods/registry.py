@@ -54,6 +54,8 @@ def _gta(name: str, pretty: str, consensus: str | None, sparsify: str | None, no
         options=(("consensus", consensus), ("sparsify", sparsify)),
         reference=ref,
         input_rule=_della_window if sparsify == "della_magprune" else None,
+        # with a sign consensus the divisor is the per-element sum of the weights that agree
+        divides_by_weight_sum="normalize" if consensus is None else None,
     )
 
 
@@ -82,6 +84,7 @@ _ALL = (
         (Param("weight", float, scope="input"), Param("normalize", bool, True)),
         "linear:merge",
         base="ignored",
+        divides_by_weight_sum="normalize",
         reference="https://arxiv.org/abs/2203.05482",
     ),
     _gta("task_arithmetic", "Task Arithmetic", None, None, False, False, "https://arxiv.org/abs/2212.04089"),
@@ -117,6 +120,7 @@ _ALL = (
         (Param("weight", float, scope="non_base"), Param("normalize_weights", bool, True), Param("eps", float, 1e-8, low=0.0)),
         "multislerp:merge",
         min_non_base=1,
+        divides_by_weight_sum="normalize_weights",
         reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     ),
     Method(
