@@ -293,6 +293,12 @@ class FaultProxy:
 
     # ----------------------------------------------------------- counters
     @property
+    def inflight(self) -> int:
+        """Matching requests being served right now (a delayed one counts while it is held)."""
+        with self._lock:
+            return self._inflight
+
+    @property
     def counters(self) -> dict:
         with self._lock:
             return dict(self._counters)
