@@ -125,8 +125,8 @@ def report_text(r: dict[str, Any]) -> str:
     for a in r.get("actors", []):
         if a["units"]:
             lines.append(
-                f"  actor {a['actor']} on {str(a['node_id'])[:12]} ({a['device']}): {a['units']} shard(s), "
-                f"read {human(a['bytes_read'])}, wrote {human(a['bytes_written'])}, busy {a['busy_s']:.1f}s"
+                f"  actor {a['actor']} on {str(a['node_id'])[:12]} ({a['device']}): {a['units']} unit(s), "
+                f"read {human(a['bytes_read'])}, wrote {human(a['bytes_written'])}, busy {a['busy_s']:.1f}s (hashing {a['hash_s']:.1f}s)"
             )
     for w in r.get("warnings", []):
         lines.append(f"warning: {w}")

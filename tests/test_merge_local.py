@@ -144,6 +144,7 @@ def test_units_in_parallel_write_the_bytes_of_one_unit_at_a_time(tmp_path):
         torch.set_num_threads(before)
     assert shard_hashes(one) == {"model.safetensors": golden["files"]["model.safetensors"]["sha256"]}
     assert report["shards"] >= 8 and len(report["actors"]) == 4 and sum(w["units"] for w in report["actors"]) == report["shards"]
+    assert all(0 < w["hash_s"] < w["busy_s"] for w in report["actors"] if w["units"])  # the hashing share is measured
     a, b = load_dir(one), load_dir(many)
     assert sorted(a) == sorted(b)
     for name in a:

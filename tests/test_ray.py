@@ -47,7 +47,7 @@ ray = pytest.importorskip("ray")
 PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "nyxene-v2-11b.pipeline.yml")
 SHARD_SIZE = "1M"  # 17 output shards from the synthetic Nyxene sources: many units
 MERGE_TIMEOUT = 150  # seconds; an actor's start imports torch (seconds on 2 busy cores)
-ACTOR_FIELDS = ("actor", "node_id", "device", "units", "bytes_read", "bytes_written", "busy_s", "units_lost")
+ACTOR_FIELDS = ("actor", "node_id", "device", "units", "bytes_read", "bytes_written", "busy_s", "hash_s", "units_lost")
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -116,6 +116,7 @@ def check_report(report: dict, actors: int, alive_only: bool = True) -> None:
         assert w["device"] == "cpu"
         assert isinstance(w["node_id"], str) and len(w["node_id"]) == 56, w  # a Ray node id (hex)
         assert w["units"] >= 1 and w["busy_s"] > 0 and w["bytes_written"] > 0 and w["bytes_read"] > 0, w
+        assert 0 < w["hash_s"] < w["busy_s"], w  # every written byte is hashed, inside the unit's time
     assert sum(w["units"] for w in workers) == report["shards"]
     assert sum(w["bytes_written"] for w in workers) == report["bytes_written"]
     assert sum(w["bytes_read"] for w in workers) == report["bytes_read_tensors"]

@@ -26,6 +26,7 @@ class Done:
     bytes_read: int
     busy_s: float
     unit_bytes_written: int
+    unit_hash_s: float = 0.0
 
 
 def done(value=None, error: BaseException | None = None) -> Future:
@@ -42,7 +43,7 @@ class FakePool:
         self, size: int, behave: Callable[[int, Piece, int], Done] | None = None, never_start: set[int] = frozenset(), lost_starts: dict[int, int] | None = None
     ):
         self.size, self.never_start = size, never_start
-        self.behave = behave or (lambda w, p, a: Done(p.size, 0.1, 2 * p.size))
+        self.behave = behave or (lambda w, p, a: Done(p.size, 0.1, 2 * p.size, 0.05))
         self.lost_starts = dict(lost_starts or {})  # worker -> starts that fail as lost
         self.ran: list[tuple[int, str]] = []
         self.starts: list[int] = []
@@ -90,7 +91,17 @@ def test_largest_first_and_the_summary_adds_up():
     assert [t for _, t in pool.ran] == ["a", "b", "c", "d"]
     assert [t for t, _ in got] == ["a", "b", "c", "d"]
     assert summary == [
-        {"actor": 0, "node_id": "node0", "device": "cpu", "units": 4, "bytes_read": 21, "bytes_written": 42, "busy_s": pytest.approx(0.4), "units_lost": 0}
+        {
+            "actor": 0,
+            "node_id": "node0",
+            "device": "cpu",
+            "units": 4,
+            "bytes_read": 21,
+            "bytes_written": 42,
+            "busy_s": pytest.approx(0.4),
+            "hash_s": pytest.approx(0.2),
+            "units_lost": 0,
+        }
     ]
     assert progress.done == 4 and progress.began is not None
     assert pool.closed is True

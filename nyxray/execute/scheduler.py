@@ -46,6 +46,9 @@ class Result(Protocol):
     @property
     def unit_bytes_written(self) -> int: ...
 
+    @property
+    def unit_hash_s(self) -> float: ...  # of busy_s, the time spent hashing the output
+
 
 W = TypeVar("W", bound=Work)
 R = TypeVar("R", bound=Result)
@@ -74,7 +77,7 @@ class Pool(Protocol[W, R]):
 
 def summary_row(worker: int) -> dict[str, Any]:
     """One worker's line of the report (``actors``)."""
-    return {"actor": worker, "node_id": None, "device": None, "units": 0, "bytes_read": 0, "bytes_written": 0, "busy_s": 0.0, "units_lost": 0}
+    return {"actor": worker, "node_id": None, "device": None, "units": 0, "bytes_read": 0, "bytes_written": 0, "busy_s": 0.0, "hash_s": 0.0, "units_lost": 0}
 
 
 class Scheduler(Generic[W, R]):
@@ -171,6 +174,7 @@ class Scheduler(Generic[W, R]):
         row["bytes_read"] += result.bytes_read
         row["bytes_written"] += result.unit_bytes_written
         row["busy_s"] += result.busy_s
+        row["hash_s"] += result.unit_hash_s
         self.progress.add(units=1)
         self.on_result(w, result)
 

@@ -103,6 +103,7 @@ class UnitResult:
     bytes_written: int
     busy_s: float
     reused: bool = False
+    hash_s: float = 0.0  # of busy_s, the writer thread's time in sha256 (this shard or part only)
     siblings: list[UnitResult] = field(default_factory=list)
     part: int | None = None
     receipt: dict | None = None
@@ -122,6 +123,11 @@ class UnitResult:
     def unit_bytes_written(self) -> int:
         """Bytes the whole unit wrote: this shard and its siblings'."""
         return self.bytes_written + sum(r.bytes_written for r in self.siblings)
+
+    @property
+    def unit_hash_s(self) -> float:
+        """Seconds the whole unit spent hashing its output: this shard and its siblings'."""
+        return self.hash_s + sum(r.hash_s for r in self.siblings)
 
 
 def _reusable(unit: Unit) -> UnitResult | None:
@@ -146,6 +152,7 @@ class _ShardStream:
         self.unit, self.on_progress = unit, on_progress
         self.writer = unit.part.open(unit.out, unit.path) if unit.part else unit.out.open_atomic(unit.path)
         self.file_hash = hashlib.sha256()  # the only pass over the output bytes besides the write
+        self.hash_s = 0.0
         self.tensor_names: list[str] = []
         self.q: queue.Queue[tuple[str, object] | None] = queue.Queue(maxsize=WRITE_QUEUE)
         self.error: BaseException | None = None
@@ -164,7 +171,9 @@ class _ShardStream:
 
     def _write(self, name: str, data) -> None:
         self.writer.write(data)
+        t = time.perf_counter()
         self.file_hash.update(data)
+        self.hash_s += time.perf_counter() - t
         if name:
             self.tensor_names.append(name)
             if self.on_progress:
@@ -189,7 +198,7 @@ class _ShardStream:
         w = self.writer.written
         part = self.unit.part.part.index if self.unit.part else None
         receipt = getattr(self.writer, "receipt", None)
-        return UnitResult(self.unit.path, w, self.file_hash.hexdigest(), self.tensor_names, 0, w, 0.0, part=part, receipt=receipt)
+        return UnitResult(self.unit.path, w, self.file_hash.hexdigest(), self.tensor_names, 0, w, 0.0, part=part, receipt=receipt, hash_s=self.hash_s)
 
     def discard(self) -> None:
         try:
