@@ -23,6 +23,6 @@ case "$cmd" in
   demo)  exec .venv/bin/nyxray demo "$@" ;;
   test)  export RAY_AUTH_MODE=disabled; exec .venv/bin/python -m pytest -q "$@" ;;
   lint)  .venv/bin/ruff check . && exec .venv/bin/ruff format --check . ;;
-  bench) exec .venv/bin/python bench/bench.py "$@" ;;
+  bench) .venv/bin/python -c "import matplotlib" 2>/dev/null || .venv/bin/pip install -q -c constraints.txt -e ".[bench]"; exec .venv/bin/python bench/bench.py "$@" ;;
   *) echo "usage: ./dev.sh demo|test|lint|bench [args]" >&2; exit 2 ;;
 esac

@@ -14,7 +14,8 @@ measures on those same inputs, in one run:
 * optionally (``--profile``) a py-spy profile of nyxray's SLERP and pipeline runs.
 
 It prints the machine, the command line and ONE table; ``--json FILE`` keeps every raw number.
-See bench/README.md. Run it with ``./dev.sh bench [args]``.
+``--series ...`` runs the size series instead (``series.py``). See bench/README.md. Run it with
+``./dev.sh bench [args]``.
 
 This file is the command line and the order the cases run in; the parts: ``inputs.py`` (models,
 recipes, plans), ``measure.py`` (sampler, one timed run, cases, machine), ``cases.py`` (floor,
@@ -241,7 +242,7 @@ class Bench:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="nyxray benchmark (see bench/README.md)")
+    p = argparse.ArgumentParser(description="nyxray benchmark (see bench/README.md); --series ARGS runs the size series (series.py --help)")
     p.add_argument("--size", default="1G", help="bytes per input model, K/M/G suffixes (default 1G)")
     p.add_argument("--quick", action="store_true", help="~100 MB smoke run: --size 100M, 1 run, sweep K=2")
     p.add_argument("--runs", type=int, help="runs per case; the median is reported (default 3, 1 with --quick)")
@@ -282,6 +283,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--series"]:
+        import series
+
+        return series.main(args[1:], cmdline=command_line(__file__, args))
     a = parse_args(argv)
     cmdline = command_line(__file__, argv)
     b = Bench(a)
