@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from .commit import verify as verify_output
-from .driver import Target, balance, check_execution, pipeline_text, run_targets, target_report, write_report
+from .driver import Target, balance, check_execution, needs_math, pipeline_text, prepared, run_targets, target_report, write_report
 from .errors import NyxrayError
 from .models import Resolver
 from .plan import Plan, parse_size
@@ -104,16 +104,18 @@ def merge(
     started = time.monotonic()
     check_execution(device, executor, actors, keep_actors, unit_size)
     recipes = load_pipeline(recipe)
-    p = plan(
-        recipes,
-        out_shard_size=out_shard_size,
-        models=models,
-        models_root=models_root,
-        storage_options=storage_options,
-        random_seed=random_seed,
-        allow_crimes=allow_crimes,
-        unsafe_truncate_embeddings=unsafe_truncate_embeddings,
-    )
+    workers_at = {"address": address, "actors": actors, "actor_cpus": actor_cpus, "actor_gpus": actor_gpus, "keep_actors": keep_actors}
+    with prepared(executor, device, needs_math(recipes), **workers_at) as chosen:  # on a named cluster, actors start while the headers are read
+        p = plan(
+            recipes,
+            out_shard_size=out_shard_size,
+            models=models,
+            models_root=models_root,
+            storage_options=storage_options,
+            random_seed=random_seed,
+            allow_crimes=allow_crimes,
+            unsafe_truncate_embeddings=unsafe_truncate_embeddings,
+        )
     planned = time.monotonic() - started
     targets = [Target(location(out, storage_options), p.final, pipeline_text(recipes))]
     if intermediates:
@@ -123,16 +125,12 @@ def merge(
         targets,
         device=device,
         overwrite=overwrite,
-        executor=executor,
+        executor=chosen,
         progress=progress,
         copy_tokenizer=copy_tokenizer,
         write_model_card=write_model_card,
-        address=address,
-        actors=actors,
-        actor_cpus=actor_cpus,
-        actor_gpus=actor_gpus,
-        keep_actors=keep_actors,
         unit_size=unit_size,
+        **workers_at,
     )
     parts = [target_report(tg) for tg in targets]
     wall = time.monotonic() - started

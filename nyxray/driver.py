@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,7 @@ from .assemble import Assemblies
 from .commit import Claim, claim, finalize, inspect, record_shard
 from .devices import check_device
 from .errors import NyxrayError
-from .execute.choice import EXECUTORS, choose
+from .execute.choice import EXECUTORS, Choice, choose
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
 from .lease import hold
@@ -56,6 +58,40 @@ def check_execution(device: str, executor: str, actors: int | None, keep_actors:
         raise NyxrayError(f"keep_actors={keep_actors}: only the ray executor has actors to keep")
 
 
+def needs_math(recipes: list[Recipe]) -> bool:
+    """Whether a merge will compute tensors (rather than copy them), guessed before planning: only a
+    passthrough in the stored dtype copies. A wrong guess costs time, never correctness."""
+    return any(r.merge_method != "passthrough" or r.dtype or r.out_dtype for r in recipes)
+
+
+@contextmanager
+def prepared(
+    executor: str,
+    device: str,
+    math: bool,
+    address: str | None = None,
+    actors: int | None = None,
+    actor_cpus: float = 1.0,
+    actor_gpus: float | None = None,
+    keep_actors: float = 0.0,
+) -> Iterator[Choice]:
+    """Choose the executor and check the device; on a named Ray cluster start the actors, so that
+    they come up while the caller plans inside this block (they are stopped if planning fails)."""
+    chosen = choose(executor, address, keep_actors)
+    check_device(device, chosen.name, address, actor_gpus)  # before any output is claimed
+    if not chosen.warm:
+        yield chosen
+        return
+    from .execute.ray_exec import cool_down, warm_up
+
+    handles = warm_up(device, address, actors, actor_cpus, actor_gpus, math)
+    try:
+        yield chosen
+    except BaseException:
+        cool_down(handles)
+        raise
+
+
 def _signature(unit: Unit) -> tuple:
     return (unit.shard.name, tuple((e.name, e.dtype, e.shape) for e in unit.shard.entries))
 
@@ -86,7 +122,7 @@ def run_targets(
     *,
     device: str,
     overwrite: bool,
-    executor: str,
+    executor: Choice,
     progress: bool,
     copy_tokenizer: bool,
     write_model_card: bool,
@@ -98,8 +134,8 @@ def run_targets(
     keep_actors: float = 0.0,
     unit_size: int | str | None = None,
 ) -> tuple[list[dict], dict[str, float], dict[str, str]]:
-    """Run and commit every target; returns the per-worker summaries, the phase timings and the
-    executor that ran (``name`` and ``why``: ``auto`` picks Ray only when a cluster is named).
+    """Run and commit every target on ``executor`` (from :func:`prepared`); returns the per-worker
+    summaries, the phase timings and the executor's report (``name`` and ``why``).
 
     Timings, in seconds: ``start`` (claiming outputs, connecting, starting workers: until the first
     unit is handed out), ``run`` (until the last unit is done), ``commit`` (index, config, manifest).
@@ -108,9 +144,6 @@ def run_targets(
     """
     unit_bytes = parse_unit_size(unit_size)
     started = time.monotonic()
-    chosen = choose(executor, address, keep_actors)
-    executor = chosen.name
-    check_device(device, executor, address, actor_gpus)  # before any output is claimed
     with hold([tg.loc for tg in targets]) as leases:  # one writer per output, from claim to commit
         units = make_units(targets, overwrite, share_reads)
         by_loc = {tg.loc.display: tg for tg in targets}
@@ -132,7 +165,7 @@ def run_targets(
             bar = Progress(len(units), sum(u.read_bytes for u in pending), sum(u.write_bytes for u in units), enabled=progress)
             if not units:
                 workers: list[dict] = []
-            elif executor == "local":
+            elif executor.name == "local":
                 from .execute.local import execute as run_local
 
                 workers = run_local(units, device, bar, on_result, workers=actors)
@@ -155,7 +188,7 @@ def run_targets(
                 records = {r.path: r.record() for r in tg.results}
                 finalize(tg.loc, tg.stage, records, tg.text, copy_tokenizer, write_model_card)
     timings = {"start": began - started, "run": ran - began, "commit": time.monotonic() - ran}
-    return workers, {k: round(v, 3) for k, v in timings.items()}, chosen.report()
+    return workers, {k: round(v, 3) for k, v in timings.items()}, executor.report()
 
 
 def target_report(tg: Target) -> dict[str, Any]:
@@ -168,6 +201,7 @@ def target_report(tg: Target) -> dict[str, Any]:
         "tensors": len(tg.stage.tensors),
         "shards": len(tg.stage.shards),
         "shards_reused": len(reused),
+        "parts_reused": sum(r.parts_reused for r in tg.results),  # parts of split shards taken from an earlier run
         "bytes_not_reread": saved,
         "bytes_read_tensors": sum(r.bytes_read for r in tg.results),
         "bytes_written": sum(r.bytes_written for r in tg.results),

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .driver import Target, balance, check_execution, pipeline_text, run_targets, target_report, write_report
+from .driver import Target, balance, check_execution, needs_math, pipeline_text, prepared, run_targets, target_report, write_report
 from .errors import NyxrayError, RecipeError, did_you_mean
 from .methods.registry import METHODS
 from .models import Model, Resolver
@@ -242,25 +242,26 @@ def run_sweep(
     cache: dict[str, Model] = {}
     plans: dict[str, Plan] = {}
     failed: dict[str, str] = {}
-    for name, recipes in members.items():
-        try:
-            if isinstance(recipes, NyxrayError):
-                raise recipes
-            plans[name] = make_plan(recipes, resolver, out_shard_size, allow_crimes, unsafe_truncate_embeddings, model_cache=cache, random_seed=random_seed)
-        except NyxrayError as e:
-            if fail_fast:
-                raise NyxrayError(f"sweep member {name!r}: {e}") from None
-            failed[name] = str(e)
+    math = needs_math([r for rs in members.values() if not isinstance(rs, NyxrayError) for r in rs])
+    workers_at = {k: execution[k] for k in ("address", "actors", "actor_cpus", "actor_gpus", "keep_actors") if k in execution}
+    with prepared(execution.pop("executor", "auto"), execution.setdefault("device", "auto"), math, **workers_at) as chosen:
+        for name, recipes in members.items():
+            try:
+                if isinstance(recipes, NyxrayError):
+                    raise recipes
+                plans[name] = make_plan(recipes, resolver, out_shard_size, allow_crimes, unsafe_truncate_embeddings, model_cache=cache, random_seed=random_seed)
+            except NyxrayError as e:
+                if fail_fast:
+                    raise NyxrayError(f"sweep member {name!r}: {e}") from None
+                failed[name] = str(e)
     root = location(out, storage_options)
     targets = {name: Target(root.child(name), p.final, pipeline_text(members[name])) for name, p in plans.items()}  # type: ignore[arg-type]
-    execution.setdefault("device", "auto")
-    execution.setdefault("executor", "auto")
     execution.setdefault("progress", True)
     execution.setdefault("copy_tokenizer", True)
     execution.setdefault("write_model_card", True)
     execution.setdefault("overwrite", False)
     planned = time.monotonic() - started
-    workers, timings, ran_on = run_targets(list(targets.values()), share_reads=True, **execution) if targets else ([], {}, {})
+    workers, timings, ran_on = run_targets(list(targets.values()), share_reads=True, executor=chosen, **execution) if targets else ([], {}, {})
     header_bytes = sum(m.header_bytes for m in cache.values())
     member_reports = {}
     for name, tg in targets.items():

@@ -38,6 +38,7 @@ import pytest
 import nyxray.api as api
 from nyxray.driver import Target, run_targets
 from nyxray.errors import NyxrayError
+from nyxray.execute.choice import choose
 from nyxray.graph import leaves
 from nyxray.storage import location
 from tests.conftest import RAY_WORKER_NODE_ARGS
@@ -337,7 +338,7 @@ def test_deterministic_unit_failure_fails_once_naming_the_cause(ray_cluster, nyx
                 [Target(location(out), p.final, text)],
                 device="cpu",
                 overwrite=False,
-                executor="ray",
+                executor=choose("ray"),
                 progress=False,
                 copy_tokenizer=True,
                 write_model_card=True,
@@ -362,7 +363,7 @@ def test_deterministic_unit_failure_fails_once_naming_the_cause(ray_cluster, nyx
                 [Target(location(out2), p.final, text)],
                 device="cpu",
                 overwrite=False,
-                executor="ray",
+                executor=choose("ray"),
                 progress=False,
                 copy_tokenizer=True,
                 write_model_card=True,
@@ -523,3 +524,43 @@ def test_kept_actors_run_the_next_merge_and_are_stopped(ray_cluster, nyxene_sour
     assert files_of(str(tmp_path / "f" / "out")) == expected
     assert len(new_actors()) == 1
     _wait_dead(kept)  # stopped before the new actor was asked for: no CPUs held hostage
+
+
+def test_actors_start_while_the_driver_plans(ray_cluster, nyxene_sources, local_baseline, tmp_path, monkeypatch):
+    """On a named cluster the merge actors are started before the plan is made (their start-up
+    overlaps the header reads) and the merge then runs on exactly those; a plan that fails stops them."""
+    expected, _ = local_baseline
+    seen = set(_merge_actor_states())
+    during_plan: dict[str, set[str]] = {}
+    real_plan = api.plan
+
+    def watched_plan(*args: Any, **kwargs: Any):
+        during_plan["actors"] = {a for a, s in _merge_actor_states().items() if a not in seen and s != "DEAD"}
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(api, "plan", watched_plan)
+    out = str(tmp_path / "out")
+    report = bounded(lambda: merge(out, nyxene_sources, actors=2))
+    assert files_of(out) == expected
+    assert len(during_plan["actors"]) == 2, "no actor was started before planning"
+    assert set(_merge_actor_states()) - seen == during_plan["actors"], "the merge started other actors than the warmed ones"
+    check_report(report, 2)
+    _wait_dead(during_plan["actors"])  # not kept: stopped with the merge
+
+    seen = set(_merge_actor_states())
+    with pytest.raises(NyxrayError, match="no-such-model"):
+        bounded(
+            lambda: api.merge(
+                PIPELINE,
+                str(tmp_path / "bad"),
+                models={"fblgit/una-cybertron-7b-v2": str(tmp_path / "no-such-model")},
+                models_root=nyxene_sources,
+                executor="ray",
+                actors=2,
+                progress=False,
+            )
+        )
+    warmed = set(_merge_actor_states()) - seen
+    assert len(warmed) == 2  # started before the plan failed...
+    _wait_dead(warmed)  # ...and stopped because it did
+    assert not os.path.exists(str(tmp_path / "bad"))

@@ -52,6 +52,15 @@ class _Pool:
             self._timer.daemon = True
             self._timer.start()
 
+    def drop(self, handles: list[Any]) -> None:
+        """Stop those of ``handles`` that are still waiting here (none a merge has taken since)."""
+        with self._lock:
+            mine = [h for h in self._handles if h in handles]
+            self._handles = [h for h in self._handles if h not in handles]
+            if not self._handles:
+                self._cancel_timer()
+            _kill(mine)
+
     def release(self) -> int:
         """Stop the kept actors now; returns how many there were."""
         with self._lock:

@@ -28,6 +28,8 @@ from .runtime import MATH_THREADS, fix_math_threads, settle_worker_process
 from .scheduler import Scheduler, WorkerLost
 from .unit import Unit, UnitResult, run_unit
 
+WARM_IDLE_S = 120.0  # warmed actors left unused this long (a plan that never came) are stopped
+
 
 def connect(address: str | None = None) -> None:
     """Attach to ``address`` / ``RAY_ADDRESS`` (a cluster or the job's own), else start a local Ray."""
@@ -96,6 +98,48 @@ def _actor_count(device: str, actors: int | None, actor_cpus: float, actor_gpus:
     return max(1, actors), actor_cpus, per_gpu
 
 
+def _actor_kind(device: str, cpus: float, gpus: float) -> tuple[tuple, Callable[[int], Any]]:
+    """The shape of the merge actors (what makes them interchangeable) and how to start one."""
+    if device == "auto":
+        dev = "cuda" if gpus > 0 else "cpu"
+    elif device.startswith("cuda") and gpus > 0:
+        dev = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU(s): cuda:N would be another's
+    else:
+        dev = device
+    cls = ray.remote(MergeActor).options(
+        num_cpus=cpus,
+        num_gpus=gpus,
+        max_restarts=-1,
+        max_task_retries=0,  # the scheduler decides what to retry
+        max_concurrency=2,  # run() and poll() at once
+        scheduling_strategy="SPREAD",
+    )
+    return (cpus, gpus, dev, MATH_THREADS), lambda i: cls.remote(dev)
+
+
+def warm_up(device: str, address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float | None, math: bool) -> list[Any]:
+    """Start the merge actors now, before the plan exists, so that their start-up (a worker process,
+    torch's import when ``math``, an autoscaler's new nodes) overlaps the driver's header reads.
+
+    They wait in the kept-actor pool (:mod:`.actor_pool`) for the merge that takes them; as many
+    as the cluster holds (the plan may need fewer: the merge stops the rest). Returns the handles
+    for :func:`cool_down` if planning fails.
+    """
+    connect(address)
+    n, cpus, gpus = _actor_count(device, actors, actor_cpus, actor_gpus)
+    shape, create = _actor_kind(device, cpus, gpus)
+    handles = POOL.take(shape, n, create)
+    for h in handles:
+        h.ready.remote(math)  # not awaited: the merge's own ready() call finds the work done
+    POOL.keep(shape, handles, WARM_IDLE_S)
+    return handles
+
+
+def cool_down(handles: list[Any]) -> None:
+    """Stop the actors :func:`warm_up` started for a merge that will not run (its plan failed)."""
+    POOL.drop(handles)
+
+
 def execute(
     units: list[Unit],
     device: str,
@@ -128,22 +172,8 @@ class ActorPool:
         self.size = min(n, max(1, len(units)))
         self.keep_actors = keep_actors
         self.math = any(u.needs_math for u in units)
-        if device == "auto":
-            dev = "cuda" if self.gpus > 0 else "cpu"
-        elif device.startswith("cuda") and self.gpus > 0:
-            dev = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU(s): cuda:N would be another's
-        else:
-            dev = device
-        cls = ray.remote(MergeActor).options(
-            num_cpus=self.cpus,
-            num_gpus=self.gpus,
-            max_restarts=-1,
-            max_task_retries=0,  # the scheduler decides what to retry
-            max_concurrency=2,  # run() and poll() at once
-            scheduling_strategy="SPREAD",
-        )
-        self.shape = (self.cpus, self.gpus, dev, MATH_THREADS)
-        self.handles = POOL.take(self.shape, self.size, lambda i: cls.remote(dev))
+        self.shape, create = _actor_kind(device, self.cpus, self.gpus)
+        self.handles = POOL.take(self.shape, self.size, create)
 
     def start(self, worker: int) -> Future:
         def lost_or_failed(e: BaseException) -> BaseException:
