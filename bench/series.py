@@ -116,8 +116,8 @@ class Series:
 
     def run(self) -> None:
         a = self.a
-        self.info = machine_info()
         self.check_disk()
+        self.info = machine_info()
         if a.install_mergekit and not cases.find_mergekit(a.mergekit_bin):
             cases.install_mergekit()
         self.mk_bin = cases.find_mergekit(a.mergekit_bin)
@@ -221,7 +221,7 @@ class Series:
             f"python {i.get('python')}, torch {i.get('torch')}, nyxray {i.get('nyxray')} @ {i.get('git')}; mergekit: {self.mk_bin or 'not found'}",
             f"command: {self.cmdline}",
             "merge: SLERP of two random bf16 Mistral-shaped models (the Nyxene card's stage-3 t curve over their 32 layers);"
-            f" out-shard-size {self.out_shard} for both (nyxray's default), input shards <= {self.out_shard}; inputs cached in {self.work}",
+            f" out-shard-size {self.out_shard} for both (nyxray's default), input shards of at most {human(self.in_shard)}; inputs cached in {self.work}",
             "runs: nyxray `nyxray merge RECIPE OUT` (default CLI), mergekit `mergekit-yaml RECIPE OUT --out-shard-size"
             f" {self.out_shard} --no-write-model-card` (its default threads), floor; alternating, {self.a.runs} run(s) each, inputs read once before each run",
         ]
