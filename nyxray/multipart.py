@@ -8,11 +8,13 @@ are in flight: memory stays bounded whatever the shard size and however many sha
 at once. The object appears only when :meth:`MultipartUpload.close` completes the upload (parts in
 order); :meth:`MultipartUpload.discard` aborts it. A failed or killed writer never leaves a partial
 object under the final name (a killed one leaves a pending upload, which
-``Location.remove_partial_writes`` aborts).
+``Location.remove_partial_writes`` aborts, unless the next run adopts it: below).
 
 The three phases are separate so that a shard split into parts (:mod:`nyxray.parts`) is one
 upload: :func:`begin` on the driver, :class:`PartUploader` (``put part``, no other side effect) on
-any worker, :func:`complete` or :func:`abort` on the driver.
+any worker, :func:`complete` or :func:`abort` on the driver. :func:`list_parts` lets the driver of
+a resumed run check what a killed run's upload still holds before it adopts it
+(:mod:`nyxray.assemble`).
 """
 
 from __future__ import annotations
@@ -179,6 +181,32 @@ def complete(fs: Any, path: str, upload_id: str, etags: dict[int, str], size: in
 def abort(fs: Any, path: str, upload_id: str, url: str, options: dict[str, Any]) -> None:
     """Abort the upload: no object appears; its parts are dropped by the store."""
     _call(fs, path, url, options, "abort_multipart_upload", UploadId=upload_id)
+
+
+def list_parts(fs: Any, path: str, upload_id: str, url: str, options: dict[str, Any]) -> dict[int, list[tuple[str, int]]] | None:
+    """The parts an upload holds (ListParts, every page): part number -> ``(ETag, size)`` of each
+    copy listed (a store may list a part number sent twice more than once); None when the upload
+    does not exist (aborted or completed)."""
+    bucket, key, _ = fs.split_path(path)
+    out: dict[int, list[tuple[str, int]]] = {}
+    marker = 0
+
+    def page() -> dict | None:
+        try:
+            return fs.call_s3("list_parts", Bucket=bucket, Key=key, UploadId=upload_id, **({"PartNumberMarker": marker} if marker else {}))
+        except FileNotFoundError:  # NoSuchUpload
+            return None
+
+    while True:
+        got = with_retries(page, url, options)
+        if got is None:
+            return None
+        for p in got.get("Parts", []) or []:
+            out.setdefault(int(p["PartNumber"]), []).append((str(p["ETag"]).strip('"'), int(p["Size"])))
+        nxt = int(got.get("NextPartNumberMarker") or 0)
+        if not got.get("IsTruncated") or nxt <= marker:
+            return out
+        marker = nxt
 
 
 def _landed(fs: Any, path: str, parts: list[dict], size: int) -> bool:

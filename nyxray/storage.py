@@ -160,10 +160,12 @@ class Location:
 
         with_retries(rm, self.url(name), self.options)
 
-    def remove_partial_writes(self) -> int:
+    def remove_partial_writes(self, keep: Iterable[str] = ()) -> int:
         """Drop what killed writers left under this location: hidden ``.nyxray-*.tmp`` files, and
-        on S3 the pending (never completed, so invisible) multipart uploads. Only call this when no
-        writer of this location is running. Returns how many were removed."""
+        on S3 the pending (never completed, so invisible) multipart uploads, except those whose
+        upload id is in ``keep`` (a killed run's uploads that this run may adopt: its driver then
+        adopts or aborts each, :mod:`nyxray.assemble`). Only call this when no writer of this
+        location is running (under its lease). Returns how many were removed."""
         removed = 0
         for f in self.listdir():
             if f.startswith(".") and ".nyxray-" in f and f.endswith(".tmp"):
@@ -171,11 +173,22 @@ class Location:
                 removed += 1
         if self.protocol in ("s3", "s3a"):
             bucket, _, prefix = self.root.partition("/")
+            under = f"{prefix}/" if prefix else ""  # the location's keys (all of the bucket at its root)
+            kept = set(keep)
+
+            def pending() -> list[dict]:
+                ups, kw = [], {"Bucket": bucket, "Prefix": under}
+                while True:
+                    page = self.fs.call_s3("list_multipart_uploads", **kw)
+                    ups += page.get("Uploads", []) or []
+                    if not page.get("IsTruncated") or not page.get("NextKeyMarker"):
+                        return ups
+                    kw.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page.get("NextUploadIdMarker", ""))
 
             def abort() -> int:
                 n = 0
-                for up in self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", []) or []:
-                    if up["Key"].startswith(prefix + "/"):
+                for up in pending():
+                    if up["Key"].startswith(under) and up["UploadId"] not in kept:
                         self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
                         n += 1
                 return n
