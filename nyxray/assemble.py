@@ -1,19 +1,32 @@
 """The driver's side of sub-shard parts (:mod:`nyxray.parts`): split the units of large shards into
-parts, begin each shard's assembly, take in finished parts, complete or abort the assembly.
+parts, begin (or adopt) each shard's assembly, take in finished parts, complete or abort it.
 
-A part is a work unit like any other to the scheduler. Assembling a shard:
+A part is a work unit like any other to the scheduler. Every assembly keeps its resume state in the
+output, under ``.nyxray/parts/<shard>/`` (:class:`Assembly`, the same for both kinds):
+``layout.json`` (the plan id, the shard's size and the parts' byte ranges; on S3 also the upload
+id), written before any part is computed, and one record per part the driver took
+(``part-NNNNN.json``: size, sha256, tensors; on S3 also the receipt, the ETags of the part's S3
+part numbers), written before anything depends on the part. A resumed run whose plan id and
+layout are the same takes the recorded parts as done, after checking them, and computes only the
+others; anything else (another plan or ``--unit-size``, a failed check) starts the shard afresh.
+The folder is resume state, not a killed writer's leftover; it goes once the shard is in place,
+and ``finalize`` removes ``.nyxray`` at commit.
 
-- locally, :class:`LocalAssembly` keeps ``.nyxray/parts/<shard>/``: ``layout.json`` (the plan id
-  and the parts' byte ranges), the preallocated assembly file ``<shard>.partial`` and one record
-  per finished part (``part-NNNNN.json``: size, sha256, tensors), written once the worker fsynced
-  the part. The file is renamed to the shard's name once every part is in. The folder is resume
-  state, not a killed writer's leftover (``remove_partial_writes`` leaves it): a resumed run with
-  the same plan and layout checks each recorded part's bytes and recomputes only the others; a
-  different plan or unit size starts the shard afresh. ``finalize`` removes ``.nyxray`` at commit.
-- on S3, :class:`S3Assembly` is one multipart upload: begun here, parts put by the workers,
-  completed here, aborted when the run fails, so no pending upload is left. A failed run's
-  uploads are aborted, so a resumed run recomputes a split shard's every part (within a run, a
-  part lost with its worker is redone alone).
+- Locally, :class:`LocalAssembly` preallocates ``<shard>.partial`` in that folder; each worker
+  writes its part at its offset and fsyncs it before the driver records it; the file is renamed to
+  the shard's name once every part is in. A resumed run's workers check each recorded part's
+  bytes in the file (a reused part is read back and hashed, not recomputed).
+- On S3, :class:`S3Assembly` is one multipart upload: begun here (its id recorded in the layout
+  before any part is put), parts put by the workers, completed here. A run that fails aborts its
+  uploads and drops their records, so no pending upload is left and a rerun begins afresh without
+  asking the store. A run killed outright leaves its upload pending with its records: the same
+  command again adopts it (``remove_partial_writes`` spares the uploads recorded in layouts,
+  :func:`recorded_uploads`, and aborts every other one), checks with ListParts that each recorded
+  part's S3 part numbers are there with the recorded ETags and sizes, reuses those parts (neither
+  recomputed nor read: nothing of a pending upload can be read back), puts the others into the same
+  upload and completes it. If the upload is gone or anything differs, or with ``--overwrite``, the
+  old upload is aborted, its records dropped and the shard begun afresh in a new upload. Within a
+  run a part lost with its worker is redone alone.
 """
 
 from __future__ import annotations
@@ -24,35 +37,90 @@ import os
 
 from .errors import NyxrayError
 from .execute.unit import Unit, UnitResult
-from .multipart import abort, begin, complete
-from .parts import PARTS_DIR, Part, PartJob, cuts, layout, min_part, s3_numbers, splittable
+from .multipart import abort, begin, complete, list_parts
+from .parts import PARTS_DIR, Part, PartJob, cuts, layout, min_part, s3_numbers, s3_pieces, splittable
 from .plan import ShardPlan
 from .storage import Location
 
+LAYOUT = "layout.json"
+
+
+def _read(out: Location, name: str) -> dict | None:
+    """A small JSON state file; None when absent or unreadable (a torn or foreign file is no state)."""
+    with contextlib.suppress(NyxrayError, ValueError, UnicodeDecodeError):
+        got = json.loads(out.read(name)) if out.exists(name) else None
+        return got if isinstance(got, dict) else None
+    return None
+
+
+def _is_s3(out: Location) -> bool:
+    return out.protocol in ("s3", "s3a")
+
+
+def recorded_uploads(out: Location) -> set[str]:
+    """The upload ids recorded in the layouts under ``out``'s ``.nyxray/parts/``: a killed run's
+    pending uploads that this run may adopt (claim keeps them from ``remove_partial_writes``)."""
+    if not _is_s3(out):
+        return set()
+    ids = (_read(out, f"{PARTS_DIR}/{d}/{LAYOUT}") for d in out.listdir(PARTS_DIR))
+    return {str(lay["upload_id"]) for lay in ids if lay and lay.get("upload_id")}
+
 
 class Assembly:
-    """One shard of one output, assembled from parts computed by different workers."""
+    """One shard of one output, assembled from parts computed by different workers, with its
+    resume state under ``.nyxray/parts/<shard>/`` (see the module docstring)."""
 
-    def __init__(self, out: Location, shard: ShardPlan, parts: list[Part]):
+    def __init__(self, out: Location, shard: ShardPlan, parts: list[Part], plan_id: str):
         self.out, self.shard, self.parts = out, shard, parts
+        self.dir = f"{PARTS_DIR}/{shard.name}"
+        self.layout = {"plan_id": plan_id, "size": shard.size, "parts": [[p.start, p.end] for p in parts]}
         self.results: dict[int, UnitResult] = {}
         self.records: dict[int, dict] = {}  # part index -> record of an earlier run's part (resume)
         self.done = False
+
+    def recorded_layout(self) -> dict:
+        """The layout an earlier run recorded for this shard (empty: none, or unreadable)."""
+        return _read(self.out, f"{self.dir}/{LAYOUT}") or {}
+
+    def same_layout(self, old: dict) -> bool:
+        """Whether a recorded layout is this one: same plan, size and parts (other keys, such as an
+        upload id, may come with it)."""
+        return all(old.get(k) == v for k, v in self.layout.items())
+
+    def recorded_parts(self) -> dict[int, dict]:
+        """The part records an earlier run left (by part index; only records of this layout's parts)."""
+        got = {}
+        for name in self.out.listdir(self.dir):
+            rec = _read(self.out, f"{self.dir}/{name}") if name.startswith("part-") else None
+            p = rec.get("part") if rec else None
+            if isinstance(p, int) and 0 <= p < len(self.parts) and rec.get("size") == self.parts[p].size:
+                got[p] = rec
+        return got
+
+    def start(self, **extra: str) -> None:
+        """Begin the shard's state afresh: drop an earlier run's, record this layout (and ``extra``)."""
+        self.out.delete_tree(self.dir)
+        self.out.write_atomic(f"{self.dir}/{LAYOUT}", json.dumps({**self.layout, **extra}).encode())
 
     def job(self, part: Part) -> PartJob:
         raise NotImplementedError
 
     def take(self, r: UnitResult) -> UnitResult | None:
-        """Take a finished part; returns the whole shard's result once its last part is in."""
+        """Take a finished part (its record is written first); returns the whole shard's result
+        once its last part is in."""
         assert r.part is not None
         p = self.parts[r.part]
         if r.size != p.size:
             raise NyxrayError(f"{self.out.url(self.shard.name)}: part {p.index + 1}/{p.count} wrote {r.size} bytes, expected {p.size}")
+        if not r.reused:  # the part is durable (fsynced, or its S3 parts acknowledged): a resumed run may take it after checking
+            rec = dict(r.record(), **({"receipt": r.receipt} if r.receipt else {}))
+            self.out.write_atomic(f"{self.dir}/part-{r.part:05d}.json", json.dumps(rec).encode())
         self.results[p.index] = r
         if len(self.results) < len(self.parts):
             return None
         self.finish()
         self.done = True
+        self.out.delete_tree(self.dir)  # the shard is in place: its parts are no longer resume state
         rs = [self.results[p.index] for p in self.parts]
         return UnitResult(
             self.shard.name,
@@ -63,6 +131,7 @@ class Assembly:
             sum(r.bytes_written for r in rs),
             sum(r.busy_s for r in rs),
             parts=[{"start": p.start, "end": p.end, "sha256": r.sha256} for p, r in zip(self.parts, rs)],
+            parts_reused=sum(r.reused for r in rs),
         )
 
     def finish(self) -> None:
@@ -77,24 +146,13 @@ class LocalAssembly(Assembly):
     """Parts written at their offsets into a preallocated file, renamed into place at the end."""
 
     def __init__(self, out: Location, shard: ShardPlan, parts: list[Part], plan_id: str):
-        super().__init__(out, shard, parts)
-        self.dir = f"{PARTS_DIR}/{shard.name}"
+        super().__init__(out, shard, parts, plan_id)
         self.file = f"{self.dir}/{shard.name}.partial"
-        want = {"plan_id": plan_id, "size": shard.size, "parts": [[p.start, p.end] for p in parts]}
-        if self._read(f"{self.dir}/layout.json") == want and out.exists(self.file):
-            for name in out.listdir(self.dir):
-                rec = self._read(f"{self.dir}/{name}") if name.startswith("part-") else None
-                if rec:
-                    self.records[rec["part"]] = rec
+        if self.same_layout(self.recorded_layout()) and out.exists(self.file):
+            self.records = self.recorded_parts()  # each one's bytes are checked by the worker (unit._reusable)
             return
-        out.delete_tree(self.dir)
-        out.write_atomic(f"{self.dir}/layout.json", json.dumps(want).encode())
+        self.start()
         self._preallocate()
-
-    def _read(self, name: str) -> dict | None:
-        with contextlib.suppress(NyxrayError, ValueError, UnicodeDecodeError):
-            return json.loads(self.out.read(name)) if self.out.exists(name) else None
-        return None
 
     def _preallocate(self) -> None:
         path = self.out.path(self.file)
@@ -115,27 +173,56 @@ class LocalAssembly(Assembly):
     def job(self, part: Part) -> PartJob:
         return PartJob(part, file=self.file)
 
-    def take(self, r: UnitResult) -> UnitResult | None:
-        if not r.reused:  # the worker fsynced it: a resumed run may trust this record after checking the bytes
-            self.out.write_atomic(f"{self.dir}/part-{r.part:05d}.json", json.dumps(r.record()).encode())
-        return super().take(r)
-
     def finish(self) -> None:
         try:
             os.replace(self.out.path(self.file), self.out.path(self.shard.name))
         except OSError as e:
             raise NyxrayError(f"{self.out.url(self.shard.name)}: cannot move the assembled shard into place: {e.strerror}") from None
-        self.out.delete_tree(self.dir)
 
 
 class S3Assembly(Assembly):
-    """The parts of one multipart upload: begun here, put by workers, completed or aborted here."""
+    """The parts of one multipart upload: begun (or a killed run's adopted) here, put by workers,
+    completed or aborted here."""
 
-    def __init__(self, out: Location, shard: ShardPlan, parts: list[Part]):
-        super().__init__(out, shard, parts)
+    def __init__(self, out: Location, shard: ShardPlan, parts: list[Part], plan_id: str):
+        super().__init__(out, shard, parts, plan_id)
         self.numbers = s3_numbers(parts)
         self.path, self.url = out.path(shard.name), out.url(shard.name)
+        old = self.recorded_layout()
+        earlier = str(old.get("upload_id") or "")
+        if earlier and self.same_layout(old):
+            records = self.recorded_parts()
+            listed = list_parts(out.fs, self.path, earlier, self.url, out.options)
+            if listed is None:
+                earlier = ""  # gone (aborted or completed): nothing to adopt or abort
+            elif self._holds(listed, records):
+                self.upload_id, self.records = earlier, records  # adopted
+                return
+        if earlier:  # another layout, or parts that differ from their records: never to be completed
+            with contextlib.suppress(Exception):
+                abort(out.fs, self.path, earlier, self.url, out.options)
         self.upload_id = begin(out.fs, self.path, self.url, out.options)
+        try:
+            self.start(upload_id=self.upload_id)  # drops the old records; the id is recorded before any part is put
+        except BaseException:
+            with contextlib.suppress(Exception):
+                abort(out.fs, self.path, self.upload_id, self.url, out.options)
+            raise
+
+    def _holds(self, listed: dict[int, list[tuple[str, int]]], records: dict[int, dict]) -> bool:
+        """Whether an upload's ``listed`` parts (ListParts) hold every recorded part: each of the
+        part's S3 part numbers with the recorded ETag and the size the layout gives it."""
+        for i, rec in records.items():
+            piece, count = s3_pieces(self.parts[i].size)
+            first = self.numbers[i]
+            sizes = {first + k: min(piece, self.parts[i].size - k * piece) for k in range(count)}
+            try:
+                etags = {int(n): str(tag).strip('"') for n, tag in rec["receipt"]["etags"]}
+            except (KeyError, TypeError, ValueError):
+                return False
+            if set(etags) != set(sizes) or any(not listed.get(n) or any(got != (etags[n], sizes[n]) for got in listed[n]) for n in sizes):
+                return False
+        return True
 
     def job(self, part: Part) -> PartJob:
         return PartJob(part, upload_id=self.upload_id, first_number=self.numbers[part.index])
@@ -145,7 +232,11 @@ class S3Assembly(Assembly):
         complete(self.out.fs, self.path, self.upload_id, etags, self.shard.size, self.url, self.out.options)
 
     def abort(self) -> None:
-        abort(self.out.fs, self.path, self.upload_id, self.url, self.out.options)
+        """Abort the upload and drop its records: a rerun begins the shard afresh, asking nothing."""
+        try:
+            abort(self.out.fs, self.path, self.upload_id, self.url, self.out.options)
+        finally:
+            self.out.delete_tree(self.dir)
 
 
 class Assemblies:
@@ -153,31 +244,42 @@ class Assemblies:
 
     def __init__(self) -> None:
         self.by_key: dict[tuple[str, str], Assembly] = {}
+        self.s3_outs: dict[str, Location] = {}  # the S3 outputs of the run's units, by display name
 
     def __len__(self) -> int:
         return len(self.by_key)
 
     def open(self, out: Location, shard: ShardPlan, parts: list[Part], plan_id: str) -> Assembly:
-        asm = LocalAssembly(out, shard, parts, plan_id) if out.is_local else S3Assembly(out, shard, parts)
+        asm = LocalAssembly(out, shard, parts, plan_id) if out.is_local else S3Assembly(out, shard, parts, plan_id)
         self.by_key[(out.display, shard.name)] = asm
         return asm
 
     def split(self, units: list[Unit], unit_size: int, plan_ids: dict[str, str]) -> list[Unit]:
         """Replace each unit whose shard holds more than ``unit_size`` bytes by its parts (one unit
-        per part, the siblings' same parts with it) and begin their assemblies (call :meth:`abort`
-        if this fails: uploads may have begun). A shard recorded by an earlier run stays one unit
-        (its bytes are checked, not recomputed); so does a shard at a location that cannot
-        assemble parts. ``plan_ids``: each output's plan id (by display name)."""
-        work: list[Unit] = []
+        per part, the siblings' same parts with it) and begin or resume their assemblies (call
+        :meth:`abort` if this fails: uploads may have begun). A part an earlier run recorded is a
+        unit with that record as ``expected`` (reused, not recomputed). A shard recorded by an
+        earlier run stays one unit (its bytes are checked, not recomputed); so does a shard at a
+        location that cannot assemble parts. On S3 an earlier run's assembly of a shard that is not
+        split now (recorded whole, or another unit size) is aborted and dropped. ``plan_ids``: each
+        output's plan id (by display name)."""
+        plans: list[tuple[Unit, list[Unit], list[list[Part]]]] = []
         for u in units:
             members = [u, *u.siblings]
+            self.s3_outs.update((m.out.display, m.out) for m in members if _is_s3(m.out))
             at = cuts(u.shard, unit_size, max(min_part(m.out) for m in members))
             layouts = [layout(m.shard, at) for m in members]
-            if len(at) < 2 or any(m.expected is not None or not splittable(m.out) for m in members) or not all(map(_valid, members, layouts)):
+            split = len(at) > 1 and all(m.expected is None and splittable(m.out) for m in members) and all(map(_valid, members, layouts))
+            plans.append((u, members if split else [], layouts))
+        for out in self.s3_outs.values():
+            _drop_assemblies(out, keep={m.shard.name for _, members, _ in plans for m in members if m.out.display == out.display})
+        work: list[Unit] = []
+        for u, members, layouts in plans:
+            if not members:
                 work.append(u)
                 continue
             asms = [self.open(m.out, m.shard, parts, plan_ids[m.out.display]) for m, parts in zip(members, layouts)]
-            for i in range(len(at)):
+            for i in range(len(asms[0].parts)):
                 units_i = [Unit(m.out, m.label, m.shard, a.records.get(i), part=a.job(a.parts[i])) for m, a in zip(members, asms)]
                 units_i[0].siblings = units_i[1:]
                 work.append(units_i[0])
@@ -187,11 +289,30 @@ class Assemblies:
         return self.by_key[(unit.out.display, unit.path)].take(r)
 
     def abort(self) -> None:
-        """Abort every unfinished assembly (best effort: the run's own error is the one to report)."""
+        """Abort every unfinished assembly (best effort: the run's own error is the one to report);
+        on S3 also any earlier run's upload this run kept for adoption but did not reach, so that a
+        failed run leaves no pending upload. Local parts stay for a resume."""
         for asm in self.by_key.values():
             if not asm.done:
                 with contextlib.suppress(Exception):
                     asm.abort()
+        for out in self.s3_outs.values():
+            with contextlib.suppress(Exception):
+                _drop_assemblies(out, keep=set())
+
+
+def _drop_assemblies(out: Location, keep: set[str]) -> None:
+    """Abort the upload recorded for each shard under ``out``'s ``.nyxray/parts/`` but those in
+    ``keep``, and drop its folder (an upload already gone is nothing to abort)."""
+    for name in out.listdir(PARTS_DIR):
+        if name in keep:
+            continue
+        d = f"{PARTS_DIR}/{name}"
+        lay = _read(out, f"{d}/{LAYOUT}")
+        if lay and lay.get("upload_id"):
+            with contextlib.suppress(Exception):
+                abort(out.fs, out.path(name), str(lay["upload_id"]), out.url(name), out.options)
+        out.delete_tree(d)
 
 
 def _valid(member: Unit, parts: list[Part]) -> bool:

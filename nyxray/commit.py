@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from . import __version__
+from .assemble import recorded_uploads
 from .errors import NyxrayError, OutputError, StorageError
 from .graph import signature
 from .lease import LEASE
@@ -110,7 +111,9 @@ def inspect(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
 
 def claim(out: Location, stage: StagePlan, c: Claim, overwrite: bool) -> None:
     """Take ``out`` for the plan ``inspect`` accepted: with ``overwrite`` remove the stale nyxray
-    files of an older plan; drop temp files of killed writers; record the plan in state.json.
+    files of an older plan; drop temp files and pending uploads of killed writers (but, without
+    ``overwrite``, the uploads recorded for split shards: the run adopts or aborts them);
+    record the plan in state.json.
     A complete output is checked, and invalidated for repair when damaged (:func:`_invalidate`)."""
     if c.complete:
         damaged = _damaged_shards(out, c.records)
@@ -128,7 +131,9 @@ def claim(out: Location, stage: StagePlan, c: Claim, overwrite: bool) -> None:
             # Another plan's resume records: kept, a crash of this run would let the next run
             # take that plan's shards (same names, bytes matching their old records) for its own.
             out.delete_tree(STATE_DIR)
-    out.remove_partial_writes()
+    # A killed run of this plan may have left split shards' uploads that this run adopts or aborts
+    # (nyxray.assemble); every other pending upload is a killed writer's leftover.
+    out.remove_partial_writes(keep=() if overwrite else recorded_uploads(out))
     out.makedirs()
     _write_state(out, stage, c)
 

@@ -15,7 +15,14 @@ Where a part's bytes go (:class:`PartJob`, carried by the work unit to the worke
   which the driver preallocated under ``.nyxray/parts/<shard>/`` and renames into place once every
   part is in (:mod:`nyxray.assemble`); the worker fsyncs its bytes before it reports;
 - S3: as consecutive part numbers of the shard's one multipart upload, begun and completed (or
-  aborted) by the driver; every S3 part but the file's last is at least 5 MiB.
+  aborted) by the driver; every S3 part but the file's last is at least 5 MiB. The worker's
+  receipt (the ETag of each S3 part number) goes into the driver's record of the part.
+
+Resume is per part on both (:mod:`nyxray.assemble`): the driver records the layout and each
+part it takes under ``.nyxray/parts/<shard>/``, and the same command after a crash redoes only
+the parts not recorded. Locally the recorded parts' bytes are checked in the assembly file; on
+S3 a killed run's pending upload is adopted once ListParts shows every recorded part's ETags
+and sizes in it (a failed run's uploads are aborted: its shards begin afresh).
 
 Hashing: each worker hashes its own part while writing it (the bytes are hashed once, as for a
 whole shard). A split shard's record keeps one sha256 per part, ``parts: [{start, end, sha256}]``

@@ -37,7 +37,8 @@ class Unit:
     ``siblings`` are shards of other outputs with the same tensors in the same file order (a
     sweep's members): they are computed in the same pass, so each input byte is read once for all.
     ``part``: only one part of the shard (a run of its tensors, :mod:`nyxray.parts`) is produced,
-    and ``expected`` is then that part's record.
+    and ``expected`` is then that part's record (on S3, one the driver already found in the
+    pending upload it adopted: :mod:`nyxray.assemble`).
     """
 
     out: Location
@@ -108,11 +109,24 @@ class UnitResult:
     part: int | None = None
     receipt: dict | None = None
     parts: list[dict] | None = None
+    parts_reused: int = 0  # a shard assembled from parts: how many were an earlier run's
 
     @classmethod
     def from_record(cls, path: str, rec: dict) -> UnitResult:
         """A shard (or part) found intact as recorded: reused, nothing moved."""
-        return cls(path, rec["size"], rec.get("sha256", ""), list(rec["tensors"]), 0, 0, 0.0, reused=True, part=rec.get("part"), parts=rec.get("parts"))
+        return cls(
+            path,
+            rec["size"],
+            rec.get("sha256", ""),
+            list(rec["tensors"]),
+            0,
+            0,
+            0.0,
+            reused=True,
+            part=rec.get("part"),
+            receipt=rec.get("receipt"),
+            parts=rec.get("parts"),
+        )
 
     def record(self) -> dict:
         """What the output protocol keeps of a written shard or part (state records, the manifest)."""
@@ -135,7 +149,9 @@ def _reusable(unit: Unit) -> UnitResult | None:
     exp = unit.expected
     if not exp:
         return None
-    if unit.part:
+    if unit.part and unit.part.upload_id:
+        pass  # an S3 part: the driver checked its ETags in the upload it adopted (a pending upload cannot be read)
+    elif unit.part:
         p = unit.part.part
         intact = unit.out.exists(unit.part.file) and unit.out.size(unit.part.file) >= p.end
         if not intact or unit.out.sha256(unit.part.file, p.end, start=p.start) != exp["sha256"]:
