@@ -67,7 +67,7 @@ def table(b: Bench) -> tuple[str, list[dict]]:
             continue
         rd, wr = c.first("bytes_read") or 0, c.first("bytes_written") or 0
         fl = floors_s3.get(c.recipe) if "s3" in c.id and "floor" not in c.id else floors.get(c.recipe)
-        ratio_floor = fl / w if fl and not c.id.endswith("/floor") and c.kind != "kernel" else None
+        ratio_floor = fl / w if fl and w and not c.id.endswith("/floor") and c.kind != "kernel" else None
         ratio_mk = w / mk[c.recipe] if c.recipe in mk and c.kind not in ("floor", "kernel") and not c.id.endswith("/mergekit") else None
         spread = f"{len(c.runs)}" + (f" ({min(r['wall_s'] for r in c.runs):.2f}-{max(r['wall_s'] for r in c.runs):.2f})" if len(c.runs) > 1 else "")
         rd_s = human(rd) if rd else ("n/a" if c.kind == "mergekit" else "0")
@@ -86,7 +86,7 @@ def table(b: Bench) -> tuple[str, list[dict]]:
                 human(c.proc_rss()),
                 rd_s,
                 human(wr),
-                f"{(rd + wr) / w / MB:.0f}",
+                f"{(rd + wr) / w / MB:.0f}" if w else "",
                 f"{ratio_floor:.2f}" if ratio_floor else "",
                 f"{ratio_run:.2f}" if ratio_run else "",
                 f"{ratio_mk:.2f}x" if ratio_mk else "",
@@ -94,7 +94,9 @@ def table(b: Bench) -> tuple[str, list[dict]]:
             ]
         )
         s = c.summary()
-        s.update(ratio_floor=ratio_floor, ratio_floor_run=ratio_run, startup_s=start, run_s=run, ratio_mergekit=ratio_mk, mb_s=(rd + wr) / w / MB)
+        s.update(
+            ratio_floor=ratio_floor, ratio_floor_run=ratio_run, startup_s=start, run_s=run, ratio_mergekit=ratio_mk, mb_s=(rd + wr) / w / MB if w else None
+        )
         raw.append(s)
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(str(v).ljust(widths[i]) if i in (0, 5, 14) else str(v).rjust(widths[i]) for i, v in enumerate(r)).rstrip() for r in [head, *rows]]
