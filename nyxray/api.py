@@ -144,6 +144,7 @@ def merge(
         "bytes_read_min": p.bytes_read_min(intermediates=bool(intermediates)),
         "bytes_written": sum(x["bytes_written"] for x in parts),
         "shards_reused": sum(x["shards_reused"] for x in parts),
+        "parts_reused": sum(x["parts_reused"] for x in parts),
         "bytes_not_reread": sum(x["bytes_not_reread"] for x in parts),
         "throughput_mb_s": round(moved / max(wall, 1e-9) / 1e6, 1),
         "timings_s": {"plan": round(planned, 3), **timings},

@@ -114,7 +114,8 @@ def _inputs_text(m: Method) -> str:
 def report_text(r: dict[str, Any]) -> str:
     lines = [
         f"merged into {r['output']} in {r['wall_s']:.1f}s: {r['shards']} shard(s), {r['tensors']} tensors"
-        + (f", {r['shards_reused']} shard(s) reused" if r.get("shards_reused") else ""),
+        + (f", {r['shards_reused']} shard(s) reused" if r.get("shards_reused") else "")
+        + (f", {r['parts_reused']} part(s) of split shards reused" if r.get("parts_reused") else ""),
         f"read {human(r['bytes_read'])} (plan minimum {human(r['bytes_read_min'])} + headers), wrote {human(r['bytes_written'])}, {r['throughput_mb_s']} MB/s",
     ]
     lines.append(f"executor: {r['executor']['name']} ({r['executor']['why']})")
