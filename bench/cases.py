@@ -154,14 +154,16 @@ def run_nyxray_cli(recipe: str, out: str, options: list[str], env: dict | None =
 
 
 def nyx_cli(inp: BenchInputs, recipe: str) -> Run:
-    """``nyxray merge --executor local`` as a process: start-up (imports, torch) included."""
+    """``nyxray merge`` as a process with the default executor (``auto``: in process, as no cluster
+    is named: RAY_ADDRESS is removed from its environment); start-up (imports, torch) included."""
     path, kw = inp.recipe_args(recipe)
-    opts = ["--executor", "local", "--quiet", "--no-write-model-card", "--out-shard-size", str(inp.out_shard)]
+    opts = ["--quiet", "--no-write-model-card", "--out-shard-size", str(inp.out_shard)]
     if "models_root" in kw:
         opts += ["--models-root", kw["models_root"]]
     for k, v in kw.get("models", {}).items():
         opts += ["--model", f"{k}={v}"]
-    return lambda out: run_nyxray_cli(path, out, opts)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return lambda out: run_nyxray_cli(path, out, opts, env)
 
 
 def kernel(plan: Any) -> Run:
