@@ -105,7 +105,7 @@ def nyx_numbers(rep: dict) -> dict:
         "bytes_read_min": rep["bytes_read_min"],
         "bytes_written": rep["bytes_written"],
         "shards": rep.get("shards"),
-        "actors": [{k: w.get(k) for k in ("actor", "units", "bytes_read", "bytes_written", "busy_s")} for w in rep.get("actors", [])],
+        "actors": [{k: w.get(k) for k in ("actor", "units", "bytes_read", "bytes_written", "busy_s", "hash_s")} for w in rep.get("actors", [])],
         "balance": rep.get("balance"),
         "timings_s": rep.get("timings_s"),
         "executor": rep.get("executor"),

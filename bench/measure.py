@@ -223,6 +223,11 @@ class Case:
         vals = [r["timings_s"][name] for r in self.runs if r.get("timings_s")]
         return statistics.median(vals) if vals else None
 
+    def hash_s(self) -> float | None:
+        """Median seconds nyxray's workers spent in SHA-256 of the output (summed over workers)."""
+        vals = [sum(w.get("hash_s") or 0.0 for w in r["actors"]) for r in self.runs if r.get("actors")]
+        return statistics.median(vals) if vals else None
+
     def startup(self) -> float | None:
         """Seconds before data moves: planning, claiming the output, starting workers (torch included)."""
         p, st = self.phase("plan"), self.phase("start")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from common import MB, human, parse_bytes
+from common import MB, human
 from measure import Case
+
+from nyxray.parts import DEFAULT_UNIT_SIZE
 
 if TYPE_CHECKING:
     from bench import Bench
@@ -46,6 +48,7 @@ def table(b: Bench) -> tuple[str, list[dict]]:
         "wall s",
         "start s",
         "run s",
+        "hash s",
         "CPU s",
         "runs",
         "RSS work",
@@ -62,7 +65,7 @@ def table(b: Bench) -> tuple[str, list[dict]]:
     for c in cases:
         w = c.wall()
         if w is None:
-            rows.append([c.id, "-", "", "", "", "0", "", "", "", "", "", "", "", "", c.skipped or "not run"])
+            rows.append([c.id, "-", "", "", "", "", "0", "", "", "", "", "", "", "", "", c.skipped or "not run"])
             raw.append(c.summary())
             continue
         rd, wr = c.first("bytes_read") or 0, c.first("bytes_written") or 0
@@ -80,6 +83,7 @@ def table(b: Bench) -> tuple[str, list[dict]]:
                 f"{w:.2f}",
                 f"{start:.2f}" if start is not None else "",
                 f"{run:.2f}" if run is not None else "",
+                f"{hs:.2f}" if (hs := c.hash_s()) is not None else "",
                 f"{cpu:.1f}" if cpu is not None else "",
                 spread,
                 human(c.work_rss()),
@@ -99,7 +103,7 @@ def table(b: Bench) -> tuple[str, list[dict]]:
         )
         raw.append(s)
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(str(v).ljust(widths[i]) if i in (0, 5, 14) else str(v).rjust(widths[i]) for i, v in enumerate(r)).rstrip() for r in [head, *rows]]
+    lines = ["  ".join(str(v).ljust(widths[i]) if i in (0, 6, 15) else str(v).rjust(widths[i]) for i, v in enumerate(r)).rstrip() for r in [head, *rows]]
     lines.insert(1, "  ".join("-" * x for x in widths))
     return "\n".join(lines), raw
 
@@ -107,7 +111,7 @@ def table(b: Bench) -> tuple[str, list[dict]]:
 def verdicts(b: Bench) -> list[str]:
     c = b.cases
     out = []
-    limit = 1.5e9 + parse_bytes(str(b.inp.out_shard))
+    limit = 1.5e9 + DEFAULT_UNIT_SIZE  # issue 13: every process <= 1.5 GB + the unit size
 
     def med(cid: str) -> float | None:
         return c[cid].wall() if cid in c else None
@@ -124,8 +128,8 @@ def verdicts(b: Bench) -> list[str]:
                 parts.append(f"{k.removeprefix('nyxray-')} {w / mkw:.2f}x {'MET' if w / mkw <= target else 'MISSED'}")
         out.append(f"{label} <= {target}x mergekit ({mkw:.1f}s): " + ", ".join(parts))
 
-    ratio_line("slerp", 0.35, "SLERP")
-    ratio_line("pipeline", 0.2, "fused pipeline (vs mergekit's 3 runs)")
+    ratio_line("slerp", 0.2, "SLERP (issue 13: the default CLI)")
+    ratio_line("pipeline", 0.1, "fused pipeline (vs mergekit's 3 runs; issue 13: the default CLI)")
     ratio_line("passthrough", 0.8, "passthrough")
     parts = []
     for cid, case in c.items():
@@ -147,7 +151,7 @@ def verdicts(b: Bench) -> list[str]:
                 g = max(r["rss"]["driver"] - r["rss"].get("driver_at_start", 0) for r in case.runs)
                 grow = f", +{human(g)} over the driver's RSS at start"
             parts.append(f"{cid} proc {human(p)} {'MET' if p < limit else 'MISSED'} (driver+actors {human(w)} {'MET' if w < limit else 'MISSED'}{grow})")
-    out.append(f"peak RSS < 1.5 GB + out-shard ({human(limit)}): " + ("; ".join(parts) or "not measured"))
+    out.append(f"peak RSS < 1.5 GB + unit size ({human(limit)}): " + ("; ".join(parts) or "not measured"))
     parts = []
     for cid, case in c.items():
         if case.kind.startswith("nyxray") and case.runs and case.first("bytes_read_min"):
@@ -193,7 +197,7 @@ def render(b: Bench, cmdline: str) -> tuple[str, dict]:
         "",
         "wall s: median of the runs (min-max in 'runs'); CPU s: median CPU seconds of the driver + actors (subprocess rows: the subprocesses); RSS work: peak of driver + Ray actors summed (for subprocess rows: the"
         " subprocess tree); RSS proc: peak of the largest single working process (driver for local, actor for Ray);"
-        " Ray/S3 daemons are not counted (see --json). start s / run s: nyxray's own phases (timings_s in its report): start-up ="
+        " Ray/S3 daemons are not counted (see --json). hash s: of the workers' busy time, seconds in SHA-256 of the output (summed over workers, on their writer threads). start s / run s: nyxray's own phases (timings_s in its report): start-up ="
         " plan + claim + worker start (Ray actors that compute load torch here), run = first unit handed out to the last one done."
         " MB/s = (read + written) / wall. floor/case = I/O-floor time / case time; floor/run = I/O-floor time / run phase (steady state)"
         " (the S3 floor for S3 rows). vs mergekit = case time / mergekit time of the same recipe (the pipeline: mergekit's 3 runs;"
