@@ -40,6 +40,7 @@ from .errors import NyxrayError, StorageError
 from .multipart import MIN_PART, PartUploader
 from .plan import ShardPlan, parse_size
 from .storage import DEFAULT_PART, Location
+from .writeback import Writeback
 
 DEFAULT_UNIT_SIZE = 256 * 2**20
 MIN_UNIT_SIZE = 10**6
@@ -150,6 +151,7 @@ class LocalPartWriter:
             self.fd = os.open(out.path(name), os.O_WRONLY)
         except OSError as e:
             raise StorageError(f"{self.url}: cannot write a part: {e.strerror} (the driver preallocates this file)") from None
+        self.writeback = Writeback(self.fd, offset)
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -158,6 +160,7 @@ class LocalPartWriter:
                 n = os.pwrite(self.fd, view, self.offset + self.written)
                 self.written += n
                 view = view[n:]
+            self.writeback.wrote(self.offset + self.written)
         except OSError as e:
             raise StorageError(f"{self.url}: write failed at byte {self.offset + self.written}: {e.strerror}") from None
 

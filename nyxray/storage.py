@@ -24,6 +24,7 @@ import fsspec
 
 from .errors import StorageError
 from .retry import describe, redact, with_retries
+from .writeback import Writeback
 
 COALESCE_CAP = 64 * 2**20  # bytes: one ranged request never asks for more
 DEFAULT_PART = 16 * 2**20  # multipart upload part size
@@ -225,7 +226,9 @@ class AtomicWriter:
                 self.f: Any = open(self.tmp, "wb")
             except OSError as e:
                 raise StorageError(f"{loc.url(name)}: cannot write: {e.strerror}") from None
+            self.writeback: Writeback | None = Writeback(self.f.fileno())
             return
+        self.writeback = None
         self.direct = loc.protocol in ("s3", "s3a", "gs", "gcs")
         head, _, base = self.final.rpartition("/")
         self.tmp = self.final if self.direct else f"{head}/.{base}.nyxray-{uuid.uuid4().hex[:8]}.tmp"
@@ -243,6 +246,8 @@ class AtomicWriter:
         except OSError as e:
             raise StorageError(redact(f"{self.loc.url(self.name)}: write failed: {describe(e)}", self.loc.options)) from None
         self.written += len(data)
+        if self.writeback is not None:
+            self.writeback.wrote(self.written)
 
     def commit(self) -> None:
         url = self.loc.url(self.name)
