@@ -526,11 +526,8 @@ def test_kept_actors_run_the_next_merge_and_are_stopped(ray_cluster, nyxene_sour
     _wait_dead(kept)  # stopped before the new actor was asked for: no CPUs held hostage
 
 
-def test_actors_start_while_the_driver_plans(ray_cluster, nyxene_sources, local_baseline, tmp_path, monkeypatch):
-    """On a named cluster the merge actors are started before the plan is made (their start-up
-    overlaps the header reads) and the merge then runs on exactly those; a plan that fails stops them."""
-    expected, _ = local_baseline
-    seen = set(_merge_actor_states())
+def _watch_plan(monkeypatch, seen: set[str]) -> dict[str, set[str]]:
+    """Make ``api.plan`` note (under ``"actors"``) the merge actors alive, beyond ``seen``, when it starts."""
     during_plan: dict[str, set[str]] = {}
     real_plan = api.plan
 
@@ -539,6 +536,15 @@ def test_actors_start_while_the_driver_plans(ray_cluster, nyxene_sources, local_
         return real_plan(*args, **kwargs)
 
     monkeypatch.setattr(api, "plan", watched_plan)
+    return during_plan
+
+
+def test_actors_start_while_the_driver_plans(ray_cluster, nyxene_sources, local_baseline, tmp_path, monkeypatch):
+    """On a named cluster the merge actors are started before the plan is made (their start-up
+    overlaps the header reads) and the merge then runs on exactly those; a plan that fails stops them."""
+    expected, _ = local_baseline
+    seen = set(_merge_actor_states())
+    during_plan = _watch_plan(monkeypatch, seen)
     out = str(tmp_path / "out")
     report = bounded(lambda: merge(out, nyxene_sources, actors=2))
     assert files_of(out) == expected
@@ -564,3 +570,20 @@ def test_actors_start_while_the_driver_plans(ray_cluster, nyxene_sources, local_
     assert len(warmed) == 2  # started before the plan failed...
     _wait_dead(warmed)  # ...and stopped because it did
     assert not os.path.exists(str(tmp_path / "bad"))
+
+
+def test_warm_up_is_capped_and_the_merge_starts_the_rest(ray_cluster, nyxene_sources, local_baseline, tmp_path, monkeypatch):
+    """At most WARM_MAX actors start before the plan (a big cluster's every slot would be waste for a
+    small merge); a merge with more units starts the others after planning."""
+    from nyxray.execute import ray_exec
+
+    expected, _ = local_baseline
+    monkeypatch.setattr(ray_exec, "WARM_MAX", 1)
+    seen = set(_merge_actor_states())
+    during_plan = _watch_plan(monkeypatch, seen)
+    out = str(tmp_path / "out")
+    report = bounded(lambda: merge(out, nyxene_sources, actors=2))
+    assert files_of(out) == expected
+    assert len(during_plan["actors"]) == 1
+    assert len(set(_merge_actor_states()) - seen) == 2
+    check_report(report, 2)

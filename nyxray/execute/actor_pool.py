@@ -42,6 +42,11 @@ class _Pool:
             kept = kept[:n]
         return kept + [create(i) for i in range(len(kept), n)]
 
+    def waiting(self, shape: Shape) -> int:
+        """How many kept actors of ``shape`` (of this Ray session) wait for a merge."""
+        with self._lock:
+            return len(self._handles) if self._shape == shape and self._session == _session() else 0
+
     def keep(self, shape: Shape, handles: list[Any], idle_s: float) -> None:
         """Hold ``handles`` for the next merge; stop them after ``idle_s`` seconds unused."""
         with self._lock:

@@ -29,6 +29,7 @@ from .scheduler import Scheduler, WorkerLost
 from .unit import Unit, UnitResult, run_unit
 
 WARM_IDLE_S = 120.0  # warmed actors left unused this long (a plan that never came) are stopped
+WARM_MAX = 16  # actors started before the plan: a big cluster's every slot for a 3-unit merge would be waste
 
 
 def connect(address: str | None = None) -> None:
@@ -121,14 +122,14 @@ def warm_up(device: str, address: str | None, actors: int | None, actor_cpus: fl
     """Start the merge actors now, before the plan exists, so that their start-up (a worker process,
     torch's import when ``math``, an autoscaler's new nodes) overlaps the driver's header reads.
 
-    They wait in the kept-actor pool (:mod:`.actor_pool`) for the merge that takes them; as many
-    as the cluster holds (the plan may need fewer: the merge stops the rest). Returns the handles
-    for :func:`cool_down` if planning fails.
+    They wait in the kept-actor pool (:mod:`.actor_pool`) for the merge that takes them: as many as
+    the cluster holds, at most :data:`WARM_MAX` (the plan may need fewer: the merge stops the rest,
+    or more: it starts them then). Returns the handles for :func:`cool_down` if planning fails.
     """
     connect(address)
     n, cpus, gpus = _actor_count(device, actors, actor_cpus, actor_gpus)
     shape, create = _actor_kind(device, cpus, gpus)
-    handles = POOL.take(shape, n, create)
+    handles = POOL.take(shape, min(n, max(WARM_MAX, POOL.waiting(shape))), create)  # kept actors are never stopped here
     for h in handles:
         h.ready.remote(math)  # not awaited: the merge's own ready() call finds the work done
     POOL.keep(shape, handles, WARM_IDLE_S)
