@@ -116,11 +116,11 @@ def merge(
             allow_crimes=allow_crimes,
             unsafe_truncate_embeddings=unsafe_truncate_embeddings,
         )
+        targets = [Target(location(out, storage_options), p.final, pipeline_text(recipes))]
+        if intermediates:
+            root = location(intermediates, storage_options)
+            targets = [Target(root.child(st.name), st, st.recipe.text) for st in p.stages[:-1]] + targets
     planned = time.monotonic() - started
-    targets = [Target(location(out, storage_options), p.final, pipeline_text(recipes))]
-    if intermediates:
-        root = location(intermediates, storage_options)
-        targets = [Target(root.child(st.name), st, st.recipe.text) for st in p.stages[:-1]] + targets
     workers, timings, ran_on = run_targets(
         targets,
         device=device,

@@ -254,8 +254,8 @@ def run_sweep(
                 if fail_fast:
                     raise NyxrayError(f"sweep member {name!r}: {e}") from None
                 failed[name] = str(e)
-    root = location(out, storage_options)
-    targets = {name: Target(root.child(name), p.final, pipeline_text(members[name])) for name, p in plans.items()}  # type: ignore[arg-type]
+        root = location(out, storage_options)
+        targets = {name: Target(root.child(name), p.final, pipeline_text(members[name])) for name, p in plans.items()}  # type: ignore[arg-type]
     execution.setdefault("progress", True)
     execution.setdefault("copy_tokenizer", True)
     execution.setdefault("write_model_card", True)
