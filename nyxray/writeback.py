@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import os
+import sys
 
 STEP = 32 * 2**20  # bytes written between two writeback requests
 SYNC_FILE_RANGE_WRITE = 2
@@ -35,7 +35,7 @@ class Writeback:
 
     def __init__(self, fd: int, start: int = 0):
         self.fd, self.queued = fd, start
-        self.call = _sync_file_range() if hasattr(os, "sched_getaffinity") else None  # Linux only
+        self.call = _sync_file_range() if sys.platform.startswith("linux") else None
 
     def wrote(self, end: int) -> None:
         """The file's bytes up to ``end`` are written (to the page cache)."""
