@@ -23,6 +23,7 @@ from nyxray.cli import main as cli
 from nyxray.execute.runtime import pool_settings
 from nyxray.ops import slerp
 from tests.golden import cases as G
+from tests.records import finished_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(REPO, "recipes")
@@ -216,10 +217,9 @@ def test_sigkill_midway_then_resume_is_identical_and_reads_less(nyxene_sources, 
         "--quiet",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    records = os.path.join(out, ".nyxray", "shards")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        if os.path.isdir(records) and len(os.listdir(records)) >= 3:
+        if len(finished_shards(out)) >= 3:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.002)

@@ -42,6 +42,7 @@ from nyxray.execute.choice import choose
 from nyxray.graph import leaves
 from nyxray.storage import location
 from tests.conftest import RAY_WORKER_NODE_ARGS
+from tests.records import finished_shards
 
 ray = pytest.importorskip("ray")
 
@@ -425,7 +426,6 @@ def test_worker_node_killed_mid_merge(ray_cluster, served, served_plan, served_b
     p, unit_of = served_plan
     total = len(p.final.shards)
     out = str(tmp_path / "out")
-    records = os.path.join(out, ".nyxray", "shards")
     removed = None
     served.gate.clear()
     try:
@@ -435,14 +435,14 @@ def test_worker_node_killed_mid_merge(ray_cluster, served, served_plan, served_b
         served.wait_for_units(unit_of, 3, run)
         served.gate.set()
         deadline = time.monotonic() + 60
-        while not (os.path.isdir(records) and os.listdir(records)):
+        while not finished_shards(out):
             assert time.monotonic() < deadline and run.alive(), "no unit finished"
             time.sleep(0.005)
         served.gate.clear()
         in_flight = served.wait_for_units(unit_of, 3, run)
-        done_before = len(os.listdir(records))
-        assert 1 <= done_before <= total - 3, (done_before, total)
-        assert not in_flight & {n[: -len(".json")] for n in os.listdir(records)}
+        done = finished_shards(out)
+        assert 1 <= len(done) <= total - 3, (done, total)
+        assert not in_flight & done
 
         hosts = _merge_actor_nodes()
         assert sum(hosts.values()) == 3, hosts
@@ -461,7 +461,7 @@ def test_worker_node_killed_mid_merge(ray_cluster, served, served_plan, served_b
             ray_cluster.add_node(**RAY_WORKER_NODE_ARGS, resources=dict(removed._ray_params.resources or {}))
             ray_cluster.wait_for_nodes(timeout=60)
     print(
-        f"\nremoved node {removed.node_id[:8]} in {removed_s:.1f} s after {done_before}/{total} units; run done {finished_s:.1f} s after;"
+        f"\nremoved node {removed.node_id[:8]} in {removed_s:.1f} s after {len(done)}/{total} units; run done {finished_s:.1f} s after;"
         f" actors (node, units, lost): {[(w['node_id'][:8], w['units'], w['units_lost']) for w in report['actors']]}"
     )
     assert files_of(out) == expected
@@ -527,12 +527,25 @@ def test_kept_actors_run_the_next_merge_and_are_stopped(ray_cluster, nyxene_sour
 
 
 def _watch_plan(monkeypatch, seen: set[str]) -> dict[str, set[str]]:
-    """Make ``api.plan`` note (under ``"actors"``) the merge actors alive, beyond ``seen``, when it starts."""
+    """Make ``api.plan`` note (under ``"actors"``) the merge actors alive, beyond ``seen``, when it starts.
+
+    Ray registers an actor with the GCS a little after ``.remote()`` returns, so the count is taken
+    once it has stayed the same for a second: no actor can be asked for meanwhile (the merge waits
+    for its plan), only those asked for before may still appear."""
     during_plan: dict[str, set[str]] = {}
     real_plan = api.plan
 
     def watched_plan(*args: Any, **kwargs: Any):
-        during_plan["actors"] = {a for a, s in _merge_actor_states().items() if a not in seen and s != "DEAD"}
+        def alive() -> set[str]:
+            return {a for a, s in _merge_actor_states().items() if a not in seen and s != "DEAD"}
+
+        found, stable_since, deadline = alive(), time.monotonic(), time.monotonic() + 15
+        while time.monotonic() - stable_since < 1.0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = alive()
+            if now != found:
+                found, stable_since = now, time.monotonic()
+        during_plan["actors"] = found
         return real_plan(*args, **kwargs)
 
     monkeypatch.setattr(api, "plan", watched_plan)
