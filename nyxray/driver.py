@@ -22,6 +22,7 @@ from .errors import NyxrayError
 from .execute.choice import EXECUTORS, Choice, choose
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
+from .graph import leaf_bytes
 from .lease import hold
 from .parts import parse_unit_size
 from .plan import StagePlan
@@ -38,6 +39,7 @@ class Target:
     text: str
     results: list[UnitResult] = field(default_factory=list)
     claim: Claim | None = None
+    not_reread: int = 0  # source bytes of the shards and parts found intact from an earlier run
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -106,6 +108,7 @@ def make_units(targets: list[Target], overwrite: bool, share_reads: bool) -> lis
         # Shards claim checked byte for byte (a complete output's) need no unit; a damaged one is rewritten.
         verified = tg.claim.verified
         tg.results = [UnitResult.from_record(n, r) for n, r in verified.items()]
+        tg.not_reread = sum(leaf_bytes(t.expr for t in sh.tensors) for sh in tg.stage.shards if sh.name in verified)
         units += [Unit(tg.loc, f"{tg.loc.display}/", sh, tg.claim.records.get(sh.name)) for sh in tg.stage.shards if sh.name not in verified]
     if not share_reads:
         return units
@@ -151,10 +154,11 @@ def run_targets(
 
         def on_result(unit: Unit, result: UnitResult) -> None:
             for u, r in zip([unit, *unit.siblings], [result, *result.siblings]):
+                tg = by_loc[u.out.display]
+                tg.not_reread += u.own_read_bytes if r.reused else 0
                 shard = assemblies.take(u, r) if u.part else r  # a part: the shard's result once its last part is in
                 if shard is None:
                     continue
-                tg = by_loc[u.out.display]
                 tg.results.append(shard)
                 if not shard.reused:
                     record_shard(u.out, u.shard.name, shard.record())
@@ -194,15 +198,13 @@ def run_targets(
 def target_report(tg: Target) -> dict[str, Any]:
     """Per-output numbers for the report."""
     reused = [r for r in tg.results if r.reused]
-    shards = {s.name: s for s in tg.stage.shards}
-    saved = sum(leaf.end - leaf.start for r in reused for leaf in shards[r.path].leaves)
     return {
         "output": tg.loc.display,
         "tensors": len(tg.stage.tensors),
         "shards": len(tg.stage.shards),
         "shards_reused": len(reused),
         "parts_reused": sum(r.parts_reused for r in tg.results),  # parts of split shards taken from an earlier run
-        "bytes_not_reread": saved,
+        "bytes_not_reread": tg.not_reread,
         "bytes_read_tensors": sum(r.bytes_read for r in tg.results),
         "bytes_written": sum(r.bytes_written for r in tg.results),
         "already_complete": bool(tg.claim and tg.claim.complete and not any(not r.reused for r in tg.results)),

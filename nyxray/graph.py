@@ -10,6 +10,7 @@ else raises instead of guessing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,11 @@ def shape_of(e: Expr) -> tuple[int, ...]:
 
 def leaves(e: Expr) -> list[Leaf]:
     return _node(e).leaves()
+
+
+def leaf_bytes(exprs: Iterable[Expr]) -> int:
+    """Source bytes these expressions read, each distinct range once."""
+    return sum(leaf.end - leaf.start for leaf in {leaf for e in exprs for leaf in leaves(e)})
 
 
 def signature(e: Expr) -> str:

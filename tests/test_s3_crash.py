@@ -241,6 +241,7 @@ def test_sigkill_after_parts_are_recorded_then_the_pending_upload_is_adopted(s3_
         assert resumed["bytes_written"] == total[0] - sum(w for w, _ in reused) - sum(whole_cost[0::2])
         assert resumed["bytes_read_tensors"] == total[1] - sum(r for _, r in reused) - sum(whole_cost[1::2])
         assert resumed["bytes_read_tensors"] < clean["report"]["bytes_read_tensors"]
+        assert resumed["bytes_not_reread"] == sum(r for _, r in reused) + sum(whole_cost[1::2])
         for n, upload in adoptable.items():  # the killed run's upload was completed, no other begun
             assert ("POST", n, upload) in calls and ("POST", n, "new") not in calls, calls
     else:

@@ -65,6 +65,15 @@ def reference(sources, tmp_path_factory) -> dict[str, str]:
     return hashes(out)
 
 
+def tensor_bytes(sources: dict[str, str]) -> int:
+    """Tensor data in the source models (every byte of which the SLERP reads once)."""
+    total = 0
+    for f in (f for path in sources.values() for f in glob.glob(os.path.join(path, "*.safetensors"))):
+        with open(f, "rb") as fh:
+            total += os.path.getsize(f) - 8 - int.from_bytes(fh.read(8), "little")
+    return total
+
+
 def manifest(path: str) -> dict:
     return json.loads(open(os.path.join(path, "nyxray-manifest.json")).read())
 
@@ -144,6 +153,8 @@ def test_resume_after_a_part_failure_redoes_only_the_missing_parts(sources, refe
     assert hashes(out) == reference
     assert nyxray.verify(out) == []
     assert report["bytes_written"] < sum(os.path.getsize(os.path.join(out, f)) for f in reference)
+    assert report["parts_reused"] == 2
+    assert 0 < report["bytes_not_reread"] and report["bytes_read_tensors"] + report["bytes_not_reread"] == tensor_bytes(sources)
 
 
 def test_s3_parts_are_one_multipart_upload_each(sources, reference, s3_server, s3_bucket):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..graph import Expr, Leaf, leaves
+from ..graph import Expr, Leaf, leaf_bytes, leaves
 from ..parts import PartJob, digest_mismatch
 from ..plan import ShardPlan
 from ..plan_tensor import PlannedTensor
@@ -64,8 +64,13 @@ class Unit:
 
     @property
     def read_bytes(self) -> int:
-        uniq = {leaf for u in [self, *self.siblings] for t in u.in_file_order() for leaf in leaves(t.expr)}
-        return sum(leaf.end - leaf.start for leaf in uniq)
+        """Source bytes the unit reads: for its tensors and its siblings', each byte once."""
+        return _leaf_bytes([self, *self.siblings])
+
+    @property
+    def own_read_bytes(self) -> int:
+        """Source bytes this shard (or part) alone needs: what finding it intact saves reading."""
+        return _leaf_bytes([self])
 
     @property
     def needs_math(self) -> bool:
@@ -142,6 +147,10 @@ class UnitResult:
     def unit_hash_s(self) -> float:
         """Seconds the whole unit spent hashing its output: this shard and its siblings'."""
         return self.hash_s + sum(r.hash_s for r in self.siblings)
+
+
+def _leaf_bytes(units: list[Unit]) -> int:
+    return leaf_bytes(t.expr for u in units for t in u.in_file_order())
 
 
 def _reusable(unit: Unit) -> UnitResult | None:
@@ -237,7 +246,7 @@ def _batches(rows: list[list]) -> list[list[list]]:
     out: list[list[list]] = [[]]
     size = 0
     for row in rows:
-        n = sum(leaf.end - leaf.start for leaf in {leaf for t in row for leaf in leaves(t.expr)})
+        n = leaf_bytes(t.expr for t in row)
         if out[-1] and size + n > BATCH_BYTES:
             out.append([])
             size = 0
