@@ -11,6 +11,7 @@ from . import __version__, api, cli_compat
 from .describe import methods_table, plan_text, report_text
 from .driver import EXECUTORS
 from .errors import NyxrayError
+from .execute import heap
 from .storage import parse_storage_options
 
 
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    heap.one_arena()  # before any thread exists: this process merges (nyxray.execute.heap)
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("merge", "sweep"):

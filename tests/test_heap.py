@@ -51,3 +51,39 @@ def test_pool_settings_hold_for_the_pool_and_are_restored_after():
             assert gc.isenabled() == enabled and torch.get_num_threads() == before
         finally:
             gc.enable()
+
+
+FAULTS_PROBE = """
+import resource, sys, threading
+from nyxray.execute import heap
+if sys.argv[1] == "one-arena":
+    heap.one_arena()  # as the nyxray command does, before any thread exists
+heap.retain()
+faults = []
+def worker():  # a unit's thread: read batches (64 MiB) allocated, filled and freed, again and again
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for _ in range(12):
+        block = bytearray(64 * 2**20)
+        block[::4096] = b"x" * len(block[::4096])
+        del block
+    faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+t = threading.Thread(target=worker)
+t.start()
+t.join()
+print(faults[0])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or heap._libc() is None, reason="glibc only")
+def test_one_arena_lets_worker_threads_reuse_freed_blocks():
+    """In its own arena a thread's blocks of 64 MiB are mapped for themselves and unmapped when
+    freed, so every unit's buffers fault in again; in the main arena, retained, they are reused."""
+    import subprocess
+
+    def faults(mode: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", FAULTS_PROBE, mode], check=True, capture_output=True, text=True).stdout)
+
+    pages = 64 * 2**20 // 4096
+    shared, own = faults("one-arena"), faults("own-arenas")
+    assert shared < 2 * pages, shared  # the first block's pages only
+    assert own > 6 * pages, own  # the control: without it, the pages of most of the 12 blocks

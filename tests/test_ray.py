@@ -552,6 +552,22 @@ def _watch_plan(monkeypatch, seen: set[str]) -> dict[str, set[str]]:
     return during_plan
 
 
+def test_merge_actors_allocate_from_one_malloc_arena(ray_cluster):
+    """Actors are started with MALLOC_ARENA_MAX=1 (nyxray.execute.heap: a thread's own arena maps
+    and unmaps every big buffer, faulting it in afresh), whatever the job's environment."""
+    from nyxray.execute import ray_exec
+
+    _, create = ray_exec._actor_kind("cpu", 0.5, 0)
+    actor = create(0)
+    try:
+        ray.get(actor.ready.remote(False), timeout=MERGE_TIMEOUT)
+        pid = _merge_actors()[actor._actor_id.hex()]["Pid"]
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert b"MALLOC_ARENA_MAX=1" in f.read().split(b"\0")
+    finally:
+        ray.kill(actor)
+
+
 def test_actors_start_while_the_driver_plans(ray_cluster, nyxene_sources, local_baseline, tmp_path, monkeypatch):
     """On a named cluster the merge actors are started before the plan is made (their start-up
     overlaps the header reads) and the merge then runs on exactly those; a plan that fails stops them."""

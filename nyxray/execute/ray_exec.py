@@ -22,6 +22,7 @@ import ray
 
 from ..devices import resolve_device
 from ..errors import NyxrayError
+from . import heap
 from .actor_pool import POOL
 from .progress import Progress
 from .runtime import MATH_THREADS, fix_math_threads, settle_worker_process
@@ -114,6 +115,7 @@ def _actor_kind(device: str, cpus: float, gpus: float) -> tuple[tuple, Callable[
         max_task_retries=0,  # the scheduler decides what to retry
         max_concurrency=2,  # run() and poll() at once
         scheduling_strategy="SPREAD",
+        runtime_env={"env_vars": heap.ARENA_ENV},  # merged with the job's own runtime_env by Ray
     )
     return (cpus, gpus, dev, MATH_THREADS), lambda i: cls.remote(dev)
 
