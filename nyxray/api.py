@@ -16,7 +16,7 @@ from .errors import NyxrayError
 from .models import Resolver
 from .plan import Plan, parse_size
 from .plan import plan as make_plan
-from .recipe import Recipe, load_pipeline
+from .recipe.parse import Recipe, load_pipeline
 from .storage import location
 
 
@@ -175,7 +175,7 @@ def release_actors() -> int:
 
 
 def sweep(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run a sweep file (see :mod:`nyxray.sweeps`)."""
-    from .sweeps import run_sweep
+    """Run a sweep file (see :mod:`nyxray.recipe.sweep`)."""
+    from .driver import run_sweep
 
     return run_sweep(*args, **kwargs)

@@ -9,6 +9,7 @@ read once for all of them.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,16 +19,19 @@ from typing import Any
 from .assemble import Assemblies
 from .commit import Claim, claim, finalize, inspect, record_shard
 from .devices import check_device
-from .errors import NyxrayError
+from .errors import NyxrayError, RecipeError
 from .execute.choice import EXECUTORS, Choice, choose
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
 from .graph import leaf_bytes
 from .lease import hold
+from .models import Model, Resolver
 from .parts import parse_unit_size
-from .plan import StagePlan
-from .recipe import Recipe
-from .storage import Location
+from .plan import Plan, StagePlan, parse_size
+from .plan import plan as make_plan
+from .recipe.parse import Recipe
+from .recipe.sweep import expand
+from .storage import Location, location
 
 
 @dataclass
@@ -228,3 +232,88 @@ def balance(workers: list[dict]) -> float:
     """max / mean bytes moved per actor that did any work (1.0 = perfectly even)."""
     busy = [w["bytes_read"] + w["bytes_written"] for w in workers if w["units"]]
     return round(max(busy) / (sum(busy) / len(busy)), 3) if busy and sum(busy) else 1.0
+
+
+def run_sweep(
+    sweep: str,
+    out: str,
+    *,
+    fail_fast: bool = False,
+    out_shard_size: int | str = "5B",
+    models: dict[str, str] | None = None,
+    models_root: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    allow_crimes: bool = False,
+    unsafe_truncate_embeddings: bool = False,
+    report: str | None = None,
+    random_seed: int | None = None,
+    **execution: Any,
+) -> dict[str, Any]:
+    """Run a sweep file into ``out`` (member ``M`` at ``out/M``); returns the sweep report.
+
+    ``random_seed`` seeds every member's random methods (default: each recipe's, else 0).
+    """
+    started = time.monotonic()
+    check_execution(
+        execution.get("device", "auto"),
+        execution.get("executor", "auto"),
+        execution.get("actors"),
+        execution.get("keep_actors", 0.0),
+        execution.get("unit_size"),
+    )
+    parse_size(out_shard_size)
+    sweep = os.fspath(sweep)
+    if "\n" not in sweep and (sweep.endswith((".yml", ".yaml")) or os.path.exists(sweep)):
+        try:
+            with open(sweep, encoding="utf-8") as f:
+                text, origin = f.read(), sweep
+        except OSError as e:
+            raise RecipeError("", f"cannot read sweep file: {e.strerror}", sweep) from None
+    else:
+        text, origin = sweep, "<sweep>"
+    members = expand(text, origin)
+    resolver = Resolver(dict(models or {}), models_root, dict(storage_options or {}))
+    cache: dict[str, Model] = {}
+    plans: dict[str, Plan] = {}
+    failed: dict[str, str] = {}
+    math = needs_math([r for rs in members.values() if not isinstance(rs, NyxrayError) for r in rs])
+    workers_at = {k: execution[k] for k in ("address", "actors", "actor_cpus", "actor_gpus", "keep_actors") if k in execution}
+    with prepared(execution.pop("executor", "auto"), execution.setdefault("device", "auto"), math, **workers_at) as chosen:
+        for name, recipes in members.items():
+            try:
+                if isinstance(recipes, NyxrayError):
+                    raise recipes
+                plans[name] = make_plan(recipes, resolver, out_shard_size, allow_crimes, unsafe_truncate_embeddings, model_cache=cache, random_seed=random_seed)
+            except NyxrayError as e:
+                if fail_fast:
+                    raise NyxrayError(f"sweep member {name!r}: {e}") from None
+                failed[name] = str(e)
+        root = location(out, storage_options)
+        targets = {name: Target(root.child(name), p.final, pipeline_text(members[name])) for name, p in plans.items()}  # type: ignore[arg-type]
+    execution.setdefault("progress", True)
+    execution.setdefault("copy_tokenizer", True)
+    execution.setdefault("write_model_card", True)
+    execution.setdefault("overwrite", False)
+    planned = time.monotonic() - started
+    workers, timings, ran_on = run_targets(list(targets.values()), share_reads=True, executor=chosen, **execution) if targets else ([], {}, {})
+    header_bytes = sum(m.header_bytes for m in cache.values())
+    member_reports = {}
+    for name, tg in targets.items():
+        r = target_report(tg)
+        r["bytes_read_min"] = plans[name].bytes_read_min()
+        member_reports[name] = r
+    result = {
+        "output": root.display,
+        "wall_s": round(time.monotonic() - started, 3),
+        "bytes_read": sum(r["bytes_read_tensors"] for r in member_reports.values()) + header_bytes,
+        "bytes_read_headers": header_bytes,
+        "bytes_written": sum(r["bytes_written"] for r in member_reports.values()),
+        "timings_s": {"plan": round(planned, 3), **timings},
+        "members": member_reports,
+        "failed": failed,
+        "executor": ran_on,
+        "actors": workers,
+        "balance": balance(workers),
+    }
+    write_report(result, report)
+    return result

@@ -17,9 +17,9 @@ from .errors import ModelError, NyxrayError, RecipeError, did_you_mean
 from .graph import Leaf, leaves, nbytes_of, shape_of
 from .methods.registry import METHODS
 from .models import Model, Resolver, load_model
-from .parameters import filter_matches
 from .plan_tensor import PlannedTensor, StageContext, Want, check_slices, plan_tensor, present_inputs
-from .recipe import RECIPE_DTYPES, Recipe, Slice, Source
+from .recipe.parameters import filter_matches
+from .recipe.parse import RECIPE_DTYPES, Recipe, Slice, Source
 from .safetensors_io import ShardEntry, build_header
 from .write_order import write_order
 

@@ -14,8 +14,8 @@ from .errors import ModelError, RecipeError, did_you_mean
 from .graph import Expr, Leaf, Merge, cast, nbytes_of, promote, shape_of
 from .methods.base import Method, Param
 from .models import Model
-from .parameters import resolve
-from .recipe import Recipe, Slice, Source
+from .recipe.parameters import resolve
+from .recipe.parse import Recipe, Slice, Source
 
 
 @dataclass(frozen=True)

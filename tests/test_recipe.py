@@ -10,8 +10,8 @@ import pytest
 
 from nyxray import api
 from nyxray.errors import NyxrayError, RecipeError
-from nyxray.parameters import evaluate, filter_matches, gradient, resolve
-from nyxray.recipe import load_pipeline, parse_pipeline
+from nyxray.recipe.parameters import evaluate, filter_matches, gradient, resolve
+from nyxray.recipe.parse import load_pipeline, parse_pipeline
 from nyxray.synthetic import ModelShape, make_model
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .recipe import Setting
+from .parse import Setting
 
 
 def gradient(values: Sequence[float], t: float) -> float:

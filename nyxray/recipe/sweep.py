@@ -18,19 +18,13 @@ import copy
 import itertools
 import os
 import re
-import time
 from typing import Any
 
 import yaml
 
-from .driver import Target, balance, check_execution, needs_math, pipeline_text, prepared, run_targets, target_report, write_report
-from .errors import NyxrayError, RecipeError, did_you_mean
-from .methods.registry import METHODS
-from .models import Model, Resolver
-from .plan import Plan, parse_size
-from .plan import plan as make_plan
-from .recipe import YAML_FAILURES, Recipe, _StrictLoader, parse_pipeline, parse_recipe
-from .storage import location
+from ..errors import NyxrayError, RecipeError, did_you_mean
+from ..methods.registry import METHODS
+from .parse import YAML_FAILURES, Recipe, _StrictLoader, parse_pipeline, parse_recipe
 
 SWEEP_KEYS = ("members", "base", "grid", "grid_prefix")
 _STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -198,88 +192,3 @@ def expand(text: str, origin: str = "<sweep>") -> dict[str, list[Recipe] | Nyxra
     if not members:
         raise RecipeError("members", "the sweep has no members", origin)
     return members
-
-
-def run_sweep(
-    sweep: str,
-    out: str,
-    *,
-    fail_fast: bool = False,
-    out_shard_size: int | str = "5B",
-    models: dict[str, str] | None = None,
-    models_root: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    allow_crimes: bool = False,
-    unsafe_truncate_embeddings: bool = False,
-    report: str | None = None,
-    random_seed: int | None = None,
-    **execution: Any,
-) -> dict[str, Any]:
-    """Run a sweep file into ``out`` (member ``M`` at ``out/M``); returns the sweep report.
-
-    ``random_seed`` seeds every member's random methods (default: each recipe's, else 0).
-    """
-    started = time.monotonic()
-    check_execution(
-        execution.get("device", "auto"),
-        execution.get("executor", "auto"),
-        execution.get("actors"),
-        execution.get("keep_actors", 0.0),
-        execution.get("unit_size"),
-    )
-    parse_size(out_shard_size)
-    sweep = os.fspath(sweep)
-    if "\n" not in sweep and (sweep.endswith((".yml", ".yaml")) or os.path.exists(sweep)):
-        try:
-            with open(sweep, encoding="utf-8") as f:
-                text, origin = f.read(), sweep
-        except OSError as e:
-            raise RecipeError("", f"cannot read sweep file: {e.strerror}", sweep) from None
-    else:
-        text, origin = sweep, "<sweep>"
-    members = expand(text, origin)
-    resolver = Resolver(dict(models or {}), models_root, dict(storage_options or {}))
-    cache: dict[str, Model] = {}
-    plans: dict[str, Plan] = {}
-    failed: dict[str, str] = {}
-    math = needs_math([r for rs in members.values() if not isinstance(rs, NyxrayError) for r in rs])
-    workers_at = {k: execution[k] for k in ("address", "actors", "actor_cpus", "actor_gpus", "keep_actors") if k in execution}
-    with prepared(execution.pop("executor", "auto"), execution.setdefault("device", "auto"), math, **workers_at) as chosen:
-        for name, recipes in members.items():
-            try:
-                if isinstance(recipes, NyxrayError):
-                    raise recipes
-                plans[name] = make_plan(recipes, resolver, out_shard_size, allow_crimes, unsafe_truncate_embeddings, model_cache=cache, random_seed=random_seed)
-            except NyxrayError as e:
-                if fail_fast:
-                    raise NyxrayError(f"sweep member {name!r}: {e}") from None
-                failed[name] = str(e)
-        root = location(out, storage_options)
-        targets = {name: Target(root.child(name), p.final, pipeline_text(members[name])) for name, p in plans.items()}  # type: ignore[arg-type]
-    execution.setdefault("progress", True)
-    execution.setdefault("copy_tokenizer", True)
-    execution.setdefault("write_model_card", True)
-    execution.setdefault("overwrite", False)
-    planned = time.monotonic() - started
-    workers, timings, ran_on = run_targets(list(targets.values()), share_reads=True, executor=chosen, **execution) if targets else ([], {}, {})
-    header_bytes = sum(m.header_bytes for m in cache.values())
-    member_reports = {}
-    for name, tg in targets.items():
-        r = target_report(tg)
-        r["bytes_read_min"] = plans[name].bytes_read_min()
-        member_reports[name] = r
-    result = {
-        "output": root.display,
-        "wall_s": round(time.monotonic() - started, 3),
-        "bytes_read": sum(r["bytes_read_tensors"] for r in member_reports.values()) + header_bytes,
-        "bytes_read_headers": header_bytes,
-        "bytes_written": sum(r["bytes_written"] for r in member_reports.values()),
-        "timings_s": {"plan": round(planned, 3), **timings},
-        "members": member_reports,
-        "failed": failed,
-        "executor": ran_on,
-        "actors": workers,
-        "balance": balance(workers),
-    }
-    write_report(result, report)
-    return result
