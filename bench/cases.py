@@ -30,7 +30,7 @@ Run = Callable[[str], dict]
 
 def floor_spans(plan: Any) -> dict[str, list[tuple[int, int]]]:
     """The byte ranges of every input file that ``plan`` reads, merged: path -> [(start, end)]."""
-    from nyxray.graph import leaves
+    from nyxray.plan.expr import leaves
 
     spans: dict[tuple, list[tuple[int, int]]] = {}
     locs = {}
@@ -171,8 +171,8 @@ def kernel(plan: Any) -> Run:
     shapes (made before timing), in this process with one torch thread: the compute floor."""
     import torch
 
-    from nyxray.graph import Leaf, Merge
     from nyxray.ops import TORCH_DTYPES, slerp
+    from nyxray.plan.expr import Leaf, Merge
 
     todo = []  # (base shape, other shape, t, dtype)
     for sh in plan.final.shards:

@@ -57,7 +57,7 @@ def ram_bytes() -> int:
 class Series:
     def __init__(self, a: argparse.Namespace, cmdline: str):
         import nyxray
-        from nyxray.plan import parse_size
+        from nyxray.plan.stages import parse_size
 
         self.a, self.cmdline = a, cmdline
         self.work = os.path.abspath(a.work)

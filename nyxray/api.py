@@ -13,9 +13,9 @@ from typing import Any
 from .commit import verify as verify_output
 from .driver import Target, balance, check_execution, needs_math, pipeline_text, prepared, run_targets, target_report, write_report
 from .errors import NyxrayError
-from .models import Resolver
-from .plan import Plan, parse_size
-from .plan import plan as make_plan
+from .plan.sources import Resolver
+from .plan.stages import Plan, parse_size
+from .plan.stages import plan as make_plan
 from .recipe.parse import Recipe, load_pipeline
 from .storage import location
 

@@ -39,7 +39,7 @@ from .errors import NyxrayError
 from .execute.unit import Unit, UnitResult
 from .multipart import abort, begin, complete, list_parts
 from .parts import PARTS_DIR, Part, PartJob, cuts, layout, min_part, s3_numbers, s3_pieces, splittable
-from .plan import ShardPlan
+from .plan.stages import ShardPlan
 from .storage import Location
 
 LAYOUT = "layout.json"

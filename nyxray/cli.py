@@ -8,10 +8,10 @@ import os
 import sys
 
 from . import __version__, api, cli_compat
-from .describe import methods_table, plan_text, report_text
 from .driver import EXECUTORS
 from .errors import NyxrayError
 from .execute import heap
+from .plan.describe import methods_table, plan_text, report_text
 from .storage import parse_storage_options
 
 

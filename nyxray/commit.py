@@ -27,11 +27,11 @@ import yaml
 from . import __version__
 from .assemble import recorded_uploads
 from .errors import NyxrayError, OutputError, StorageError
-from .graph import signature
 from .lease import LEASE
 from .methods.registry import METHODS
 from .parts import digest_mismatch
-from .plan import StagePlan
+from .plan.expr import signature
+from .plan.stages import StagePlan
 from .storage import Location
 
 MANIFEST = "nyxray-manifest.json"

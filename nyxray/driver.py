@@ -23,12 +23,12 @@ from .errors import NyxrayError, RecipeError
 from .execute.choice import EXECUTORS, Choice, choose
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
-from .graph import leaf_bytes
 from .lease import hold
-from .models import Model, Resolver
 from .parts import parse_unit_size
-from .plan import Plan, StagePlan, parse_size
-from .plan import plan as make_plan
+from .plan.expr import leaf_bytes
+from .plan.sources import Model, Resolver
+from .plan.stages import Plan, StagePlan, parse_size
+from .plan.stages import plan as make_plan
 from .recipe.parse import Recipe
 from .recipe.sweep import expand
 from .storage import Location, location

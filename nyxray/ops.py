@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .graph import Cast, Expr, Leaf, Merge
 from .methods import registry
 from .methods.base import Group
+from .plan.expr import Cast, Expr, Leaf, Merge
 
 # safetensors dtype name -> torch dtype
 TORCH_DTYPES = {

@@ -38,7 +38,7 @@ from typing import Any
 
 from .errors import NyxrayError, StorageError
 from .multipart import MIN_PART, PartUploader
-from .plan import ShardPlan, parse_size
+from .plan.stages import ShardPlan, parse_size
 from .storage import DEFAULT_PART, Location
 from .writeback import Writeback
 

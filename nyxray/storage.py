@@ -2,7 +2,7 @@
 
 Every byte nyxray moves goes through :class:`Location`: local paths, ``file://``, ``s3://``
 (s3fs), ``gs://``, ``memory://`` and any other fsspec URL, and Hugging Face repos (resolved by
-:mod:`nyxray.models` to a cache snapshot or an ``hf://`` location). A Location pickles as
+:mod:`nyxray.plan.sources` to a cache snapshot or an ``hf://`` location). A Location pickles as
 (protocol, root, options), so Ray actors rebuild the filesystem on their side.
 
 Errors are turned into :class:`StorageError` messages that name the URL and never carry

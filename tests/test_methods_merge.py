@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 import nyxray
 from nyxray.cli import main as cli
-from nyxray.describe import plan_text
 from nyxray.errors import ModelError, NyxrayError, RecipeError
+from nyxray.plan.describe import plan_text
 from nyxray.synthetic import ModelShape, make_model
 
 SHAPE = ModelShape(hidden=64, intermediate=128, layers=4, vocab=2048, heads=4, kv_heads=2)
@@ -240,7 +240,7 @@ def test_mergekit_yaml_flags_are_accepted(models, tmp_path, capsys):
 
 def test_readme_support_table_is_the_registry():
     """The README's table is generated from the registry (``nyxray methods``): it cannot drift."""
-    from nyxray.describe import methods_table
+    from nyxray.plan.describe import methods_table
 
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
     table = readme.split("<!-- methods:begin -->\n", 1)[1].split("\n<!-- methods:end -->", 1)[0]

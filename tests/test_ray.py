@@ -39,7 +39,7 @@ import nyxray.api as api
 from nyxray.driver import Target, run_targets
 from nyxray.errors import NyxrayError
 from nyxray.execute.choice import choose
-from nyxray.graph import leaves
+from nyxray.plan.expr import leaves
 from nyxray.storage import location
 from tests.conftest import RAY_WORKER_NODE_ARGS
 from tests.records import finished_shards

@@ -22,7 +22,7 @@ import s3fs
 import nyxray
 from nyxray import parts as P
 from nyxray.errors import StorageError
-from nyxray.graph import leaves
+from nyxray.plan.expr import leaves
 from nyxray.synthetic import ModelShape, make_model
 
 # Two 41 MB models; three output shards of 12-15 MB.

@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .architecture import Architecture, architecture_of
-from .errors import ModelError, StorageError
-from .graph import Expr, Leaf
-from .safetensors_io import header_length, parse_header
-from .storage import Location, location, redact
+from ..errors import ModelError, StorageError
+from ..safetensors_io import header_length, parse_header
+from ..storage import Location, location, redact
+from .architectures import Architecture, architecture_of
+from .expr import Expr, Leaf
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

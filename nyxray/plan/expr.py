@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .safetensors_io import DTYPES
-from .storage import Location
+from ..safetensors_io import DTYPES
+from ..storage import Location
 
 
 @dataclass(frozen=True)

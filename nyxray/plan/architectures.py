@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ModelError, did_you_mean
+from ..errors import ModelError, did_you_mean
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .execute.progress import human
-from .methods.base import Method, Param
-from .methods.registry import METHODS
-from .plan import Plan, StagePlan
+from ..execute.progress import human
+from ..methods.base import Method, Param
+from ..methods.registry import METHODS
+from .stages import Plan, StagePlan
 
 
 def _group(name: str) -> str:

@@ -1,6 +1,6 @@
 """One output tensor of a merge method, planned from headers: which inputs exist, every parameter
 resolved for it (scopes, filters, gradients, defaults, ranges, the method's own rules), the
-expression that computes it. :mod:`nyxray.plan` walks a recipe's tensors and calls this for each;
+expression that computes it. :mod:`nyxray.plan.stages` walks a recipe's tensors and calls this for each;
 every recipe error found here names its key path.
 """
 
@@ -10,12 +10,12 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ModelError, RecipeError, did_you_mean
-from .graph import Expr, Leaf, Merge, cast, nbytes_of, promote, shape_of
-from .methods.base import Method, Param
-from .models import Model
-from .recipe.parameters import resolve
-from .recipe.parse import Recipe, Slice, Source
+from ..errors import ModelError, RecipeError, did_you_mean
+from ..methods.base import Method, Param
+from ..recipe.parameters import resolve
+from ..recipe.parse import Recipe, Slice, Source
+from .expr import Expr, Leaf, Merge, cast, nbytes_of, promote, shape_of
+from .sources import Model
 
 
 @dataclass(frozen=True)

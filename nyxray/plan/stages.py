@@ -1,7 +1,7 @@
 """Recipe + model headers -> the whole merge plan, before any tensor byte moves.
 
 For each stage of a pipeline (a single recipe is a one-stage pipeline) the planner decides every
-output tensor (one at a time in :mod:`nyxray.plan_tensor`: its inputs, its method's parameters
+output tensor (one at a time in :mod:`nyxray.plan.tensor`: its inputs, its method's parameters
 resolved, its expression) and where it goes in the output shards. Stages that use an earlier
 stage's output see that stage's expressions, so the final model is computed straight from the
 sources (fusion). Every recipe and model error is raised here, naming the recipe key path.
@@ -13,14 +13,14 @@ import copy
 import re
 from dataclasses import dataclass, field
 
-from .errors import ModelError, NyxrayError, RecipeError, did_you_mean
-from .graph import Leaf, leaves, nbytes_of, shape_of
-from .methods.registry import METHODS
-from .models import Model, Resolver, load_model
-from .plan_tensor import PlannedTensor, StageContext, Want, check_slices, plan_tensor, present_inputs
-from .recipe.parameters import filter_matches
-from .recipe.parse import RECIPE_DTYPES, Recipe, Slice, Source
-from .safetensors_io import ShardEntry, build_header
+from ..errors import ModelError, NyxrayError, RecipeError, did_you_mean
+from ..methods.registry import METHODS
+from ..recipe.parameters import filter_matches
+from ..recipe.parse import RECIPE_DTYPES, Recipe, Slice, Source
+from ..safetensors_io import ShardEntry, build_header
+from .expr import Leaf, leaves, nbytes_of, shape_of
+from .sources import Model, Resolver, load_model
+from .tensor import PlannedTensor, StageContext, Want, check_slices, plan_tensor, present_inputs
 from .write_order import write_order
 
 SHARD_METADATA = {"format": "pt"}
