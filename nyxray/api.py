@@ -13,11 +13,11 @@ from typing import Any
 from .commit import verify as verify_output
 from .driver import Target, balance, check_execution, needs_math, pipeline_text, prepared, run_targets, target_report, write_report
 from .errors import NyxrayError
+from .io.location import location
 from .plan.sources import Resolver
 from .plan.stages import Plan, parse_size
 from .plan.stages import plan as make_plan
 from .recipe.parse import Recipe, load_pipeline
-from .storage import location
 
 
 def _resolver(models: dict[str, str] | None, models_root: str | None, storage_options: dict[str, Any] | None) -> Resolver:

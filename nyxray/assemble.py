@@ -37,10 +37,10 @@ import os
 
 from .errors import NyxrayError
 from .execute.unit import Unit, UnitResult
-from .multipart import abort, begin, complete, list_parts
+from .io.backends.s3_multipart import abort, begin, complete, list_parts
+from .io.location import Location
 from .parts import PARTS_DIR, Part, PartJob, cuts, layout, min_part, s3_numbers, s3_pieces, splittable
 from .plan.stages import ShardPlan
-from .storage import Location
 
 LAYOUT = "layout.json"
 

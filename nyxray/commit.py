@@ -27,12 +27,12 @@ import yaml
 from . import __version__
 from .assemble import recorded_uploads
 from .errors import NyxrayError, OutputError, StorageError
+from .io.location import Location
 from .lease import LEASE
 from .methods.registry import METHODS
 from .parts import digest_mismatch
 from .plan.expr import signature
 from .plan.stages import StagePlan
-from .storage import Location
 
 MANIFEST = "nyxray-manifest.json"
 STATE_DIR = ".nyxray"
@@ -243,7 +243,7 @@ def finalize(out: Location, stage: StagePlan, shards: dict[str, dict], pipeline_
 
 def verify(out: Location) -> list[str]:
     """Check a committed output against its manifest; returns the problems found (empty = good)."""
-    from .safetensors_io import header_length, parse_header
+    from .io.safetensors import header_length, parse_header
 
     try:
         manifest = json.loads(out.read(MANIFEST))

@@ -23,6 +23,7 @@ from .errors import NyxrayError, RecipeError
 from .execute.choice import EXECUTORS, Choice, choose
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
+from .io.location import Location, location
 from .lease import hold
 from .parts import parse_unit_size
 from .plan.expr import leaf_bytes
@@ -31,7 +32,6 @@ from .plan.stages import Plan, StagePlan, parse_size
 from .plan.stages import plan as make_plan
 from .recipe.parse import Recipe
 from .recipe.sweep import expand
-from .storage import Location, location
 
 
 @dataclass

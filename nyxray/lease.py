@@ -4,7 +4,7 @@ the run lasts, and expiring so that a crashed owner blocks the next run for one 
 Without it, two merges into the same output would both claim it, and the second one's clean-up
 (temporary files, pending multipart uploads) would destroy the first one's work in flight. The
 lease is ``OUT/.nyxray-lease.json``: who holds it (host, pid, a random id) and until when. It is
-taken with a conditional create (:mod:`nyxray.conditional`); a live lease of another run stops
+taken with a conditional create (:mod:`nyxray.io.backends.conditional`); a live lease of another run stops
 this one at once, naming the output and the holder; an expired one is taken over with a
 conditional replace, so two newcomers cannot both take it. The holder renews it every quarter of
 the TTL (conditionally on its own last version); if a renewal finds it taken over or the TTL runs
@@ -25,9 +25,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from . import __version__, conditional
+from . import __version__
 from .errors import NyxrayError, OutputError
-from .storage import Location
+from .io.backends import conditional
+from .io.location import Location
 
 LEASE = ".nyxray-lease.json"
 DEFAULT_TTL = 120.0

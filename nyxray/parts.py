@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import NyxrayError, StorageError
-from .multipart import MIN_PART, PartUploader
+from .io.backends.local_writeback import Writeback
+from .io.backends.s3_multipart import MIN_PART, PartUploader
+from .io.location import DEFAULT_PART, Location
 from .plan.stages import ShardPlan, parse_size
-from .storage import DEFAULT_PART, Location
-from .writeback import Writeback
 
 DEFAULT_UNIT_SIZE = 256 * 2**20
 MIN_UNIT_SIZE = 10**6

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nyxray.errors import NyxrayError
+from nyxray.io.safetensors import DTYPES, header_length, parse_header
 from nyxray.recipe.parse import parse_pipeline
 from nyxray.recipe.sweep import expand
-from nyxray.safetensors_io import DTYPES, header_length, parse_header
 
 FUZZ = settings(max_examples=600, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

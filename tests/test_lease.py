@@ -19,8 +19,8 @@ import s3fs
 import nyxray
 from nyxray import lease as lease_mod
 from nyxray.errors import OutputError
+from nyxray.io.location import location
 from nyxray.lease import LEASE, hold
-from nyxray.storage import location
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1A = os.path.join(REPO, "recipes", "loyal-piano-cybertron-11B.yml")

@@ -10,8 +10,8 @@ import uuid
 
 import s3fs
 
-from nyxray.multipart import CONCURRENCY, MIN_PART, PROCESS_INFLIGHT
-from nyxray.storage import location
+from nyxray.io.backends.s3_multipart import CONCURRENCY, MIN_PART, PROCESS_INFLIGHT
+from nyxray.io.location import location
 
 
 def _is_part(req) -> bool:

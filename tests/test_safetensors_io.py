@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from nyxray.io.safetensors import build_header, header_length, parse_header
 from nyxray.ops import TORCH_DTYPES
-from nyxray.safetensors_io import build_header, header_length, parse_header
 
 
 @pytest.mark.parametrize("seed", range(5))

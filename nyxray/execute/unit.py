@@ -17,11 +17,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..io.location import Location, Range, read_ranges
 from ..parts import PartJob, digest_mismatch
 from ..plan.expr import Expr, Leaf, leaf_bytes, leaves
 from ..plan.stages import ShardPlan
 from ..plan.tensor import PlannedTensor
-from ..storage import Location, Range, read_ranges
 
 BATCH_BYTES = 64 * 2**20
 PREFETCH = 2

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..safetensors_io import DTYPES
-from ..storage import Location
+from ..io.location import Location
+from ..io.safetensors import DTYPES
 
 
 @dataclass(frozen=True)

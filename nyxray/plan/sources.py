@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ModelError, StorageError
-from ..safetensors_io import header_length, parse_header
-from ..storage import Location, location, redact
+from ..io.location import Location, location, redact
+from ..io.safetensors import header_length, parse_header
 from .architectures import Architecture, architecture_of
 from .expr import Expr, Leaf
 

@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import ModelError, NyxrayError, RecipeError, did_you_mean
+from ..io.safetensors import ShardEntry, build_header
 from ..methods.registry import METHODS
 from ..recipe.parameters import filter_matches
 from ..recipe.parse import RECIPE_DTYPES, Recipe, Slice, Source
-from ..safetensors_io import ShardEntry, build_header
 from .expr import Leaf, leaves, nbytes_of, shape_of
 from .sources import Model, Resolver, load_model
 from .tensor import PlannedTensor, StageContext, Want, check_slices, plan_tensor, present_inputs

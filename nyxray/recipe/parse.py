@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from ..errors import RecipeError, did_you_mean
+from ..io.safetensors import RECIPE_DTYPES
 from ..methods.registry import METHODS, unknown_method_hint
-from ..safetensors_io import RECIPE_DTYPES
 
 Scalar = float | int | bool | str
 # A setting as written: a scalar, a gradient list, or a list of {filter, value} conditionals.

@@ -25,8 +25,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from .errors import StorageError
-from .retry import with_retries
+from ...errors import StorageError
+from ..retry import with_retries
 
 MIN_PART = 5 * 2**20  # S3 refuses smaller parts (except the last)
 CONCURRENCY = 4  # parts in flight per upload

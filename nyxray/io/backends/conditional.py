@@ -1,4 +1,4 @@
-"""Compare-and-swap on one small object of a :class:`~nyxray.storage.Location` (the output lease).
+"""Compare-and-swap on one small object of a :class:`~nyxray.io.location.Location` (the output lease).
 
 Every change is conditional on what the caller last saw, so two processes can never both believe
 they created or replaced the object:
@@ -28,8 +28,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import StorageError
-from .storage import Location, with_retries
+from ...errors import StorageError
+from ..location import Location, with_retries
 
 S3 = ("s3", "s3a")
 

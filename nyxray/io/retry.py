@@ -1,6 +1,6 @@
 """Retries of storage calls, and the redaction that keeps credentials out of their errors.
 
-Its own module so that :mod:`nyxray.storage` and :mod:`nyxray.multipart` (which storage's atomic
+Its own module so that :mod:`nyxray.io.location` and :mod:`nyxray.io.backends.s3_multipart` (which storage's atomic
 writer uses for S3) both import it without importing each other.
 """
 
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from .errors import StorageError
+from ..errors import StorageError
 
 T = TypeVar("T")
 

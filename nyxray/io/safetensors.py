@@ -12,7 +12,7 @@ import json
 import struct
 from dataclasses import dataclass
 
-from .errors import ModelError
+from ..errors import ModelError
 
 # name -> (bytes per element, rank). The rank is the declaration order of the dtype enum in the
 # safetensors library: files are laid out by dtype, highest rank first, then by name.
