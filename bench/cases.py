@@ -167,11 +167,12 @@ def nyx_cli(inp: BenchInputs, recipe: str) -> Run:
 
 
 def kernel(plan: Any) -> Run:
-    """``nyxray.ops.slerp`` over every SLERP'd tensor of ``plan``, on random bf16 data of the same
+    """``nyxray.methods._slerp.slerp`` over every SLERP'd tensor of ``plan``, on random bf16 data of the same
     shapes (made before timing), in this process with one torch thread: the compute floor."""
     import torch
 
-    from nyxray.ops import TORCH_DTYPES, slerp
+    from nyxray.execute.evaluate import TORCH_DTYPES
+    from nyxray.methods._slerp import slerp
     from nyxray.plan.expr import Leaf, Merge
 
     todo = []  # (base shape, other shape, t, dtype)

@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(os.path.dirname(outs[label]), ignore_errors=True)
 
             # the kernel alone: one flat tensor of ~size/2 bf16 elements per input, already on the device
-            from nyxray.ops import slerp
+            from nyxray.methods._slerp import slerp
 
             n = min(args.size, 2**30) // 2  # elements per input: up to 1 GiB of bf16 each
             for label, d in (("dut", dev), ("cpu", "cpu")):

@@ -18,9 +18,9 @@ from typing import Any
 
 from .assemble import Assemblies
 from .commit import Claim, claim, finalize, inspect, record_shard
-from .devices import check_device
 from .errors import NyxrayError, RecipeError
 from .execute.choice import EXECUTORS, Choice, choose
+from .execute.devices import check_device
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
 from .io.location import Location, location

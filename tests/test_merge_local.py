@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import nyxray
 from nyxray.cli import main as cli
 from nyxray.execute.runtime import pool_settings
-from nyxray.ops import slerp
+from nyxray.methods._slerp import slerp
 from tests.golden import cases as G
 from tests.records import finished_shards
 

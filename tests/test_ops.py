@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nyxray.ops import COLINEAR, slerp
+from nyxray.methods._slerp import COLINEAR, slerp
 
 
 def reference(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_reused_buffers_and_chunkwise_conversion_give_the_same_bits(monkeypatch)
     cache are converted chunk by chunk: neither may change a single output bit."""
     import threading
 
-    from nyxray import ops
+    from nyxray.methods import _slerp as ops
 
     g = torch.Generator().manual_seed(7)
     pairs = [(torch.randn(shape, generator=g).bfloat16(), torch.randn(shape, generator=g).bfloat16()) for shape in [(3000, 701), (5, 7), (1100, 1000)]]
@@ -98,7 +98,7 @@ def test_reused_buffers_and_chunkwise_conversion_give_the_same_bits(monkeypatch)
 
 
 def test_free_buffers_releases_this_threads_work_memory():
-    from nyxray import ops
+    from nyxray.methods import _slerp as ops
 
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(2000, 600, generator=g).bfloat16(), torch.randn(2000, 600, generator=g).bfloat16()

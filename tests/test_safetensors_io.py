@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from nyxray.execute.evaluate import TORCH_DTYPES
 from nyxray.io.safetensors import build_header, header_length, parse_header
-from nyxray.ops import TORCH_DTYPES
 
 
 @pytest.mark.parametrize("seed", range(5))

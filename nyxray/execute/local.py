@@ -13,7 +13,7 @@ import platform
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..devices import resolve_device
+from .devices import resolve_device
 from .progress import Progress
 from .runtime import fix_math_threads, pool_settings
 from .scheduler import Scheduler

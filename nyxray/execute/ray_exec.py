@@ -20,10 +20,10 @@ from typing import Any
 
 import ray
 
-from ..devices import resolve_device
 from ..errors import NyxrayError
 from . import heap
 from .actor_pool import POOL
+from .devices import resolve_device
 from .progress import Progress
 from .runtime import MATH_THREADS, fix_math_threads, settle_worker_process
 from .scheduler import Scheduler, WorkerLost

@@ -4,7 +4,7 @@ Units run side by side in one process (the threads of the in-process pool), so n
 a process-wide setting under another's feet:
 
 - torch's intra-op thread count decides how a SLERP chunk's dot product is summed, hence the
-  output bits (``nyxray.ops``). Every worker computes with :data:`MATH_THREADS` = 1 torch thread,
+  output bits (``nyxray.methods._slerp``). Every worker computes with :data:`MATH_THREADS` = 1 torch thread,
   the order mergekit ``--num-threads 1`` sums in; parallelism comes from units in flight, one per
   core, whose reads, writes and hashing also need the cores.
 - the cyclic garbage collector is paused: a unit makes no cycles worth collecting, and each full
@@ -18,8 +18,8 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..devices import set_math_threads
 from . import heap
+from .devices import set_math_threads
 
 MATH_THREADS = 1
 

@@ -236,7 +236,7 @@ class _ShardStream:
 def _compute(expr: Expr, data: dict, device: str) -> memoryview:
     if isinstance(expr, Leaf):
         return data[expr.key]  # a copy: the source bytes as they are
-    from ..ops import evaluate  # imports torch on first use only
+    from .evaluate import evaluate  # imports torch on first use only
 
     return evaluate(expr, data, device)
 

@@ -1,10 +1,10 @@
-"""SLERP of the base model (t=0) and the other model (t=1); the kernel is :func:`nyxray.ops.slerp`."""
+"""SLERP of the base model (t=0) and the other model (t=1); the kernel is :func:`nyxray.methods._slerp.slerp`."""
 
 from __future__ import annotations
 
 import torch
 
-from ..ops import slerp
+from ._slerp import slerp
 from .base import Group
 
 

@@ -1,4 +1,4 @@
-"""The merge math on torch (CPU or CUDA): casts and SLERP, exactly as mergekit 0.1.5 computes them.
+"""The SLERP kernel on torch (CPU or CUDA), exactly as mergekit 0.1.5 computes it.
 
 SLERP treats each tensor as one flat vector. Bit-exactness with mergekit depends on the order of
 the float32 reductions, so the norm and the dot product of a tensor are always computed whole, in
@@ -8,33 +8,9 @@ chunks of 2**20 elements, in one place: never split a tensor's reduction across 
 from __future__ import annotations
 
 import threading
-import warnings
-from collections.abc import Mapping
 
 import torch
 
-from .methods import registry
-from .methods.base import Group
-from .plan.expr import Cast, Expr, Leaf, Merge
-
-# safetensors dtype name -> torch dtype
-TORCH_DTYPES = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-}
 CHUNK = 1 << 20
 EPS = 1e-8
 COLINEAR = 0.9995
@@ -143,35 +119,3 @@ class _Chunks:
         if self.whole is not None:
             return (self.whole[:, i:j] for i, j in self.spans)
         return (self.buf.take(self.name + "-chunk", j - i).copy_(self.flat[:, i:j]) for i, j in self.spans)
-
-
-def evaluate(e: Expr, data: Mapping[tuple, memoryview], device: str = "cpu") -> memoryview:
-    """Compute an expression from its leaves' bytes; the result's raw bytes, as safetensors stores them."""
-    flat = _tensor(e, data, device).detach().reshape(-1).contiguous().cpu()
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-
-
-def _tensor(e: Expr, data: Mapping[tuple, memoryview], device: str) -> torch.Tensor:
-    if isinstance(e, Leaf):
-        buf = data[e.key]
-        with warnings.catch_warnings():  # read-only input bytes: nothing here writes to them
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(buf, dtype=TORCH_DTYPES[e.dtype]) if len(buf) else torch.empty(0, dtype=TORCH_DTYPES[e.dtype])
-        return t.reshape(e.shape).to(device)
-    if isinstance(e, Cast):
-        return _tensor(e.child, data, device).to(TORCH_DTYPES[e.dtype])
-    if isinstance(e, Merge):
-        return _merge(e, data, device)
-    raise TypeError(f"unknown expression {type(e).__name__}")
-
-
-def _merge(e: Merge, data: Mapping[tuple, memoryview], device: str) -> torch.Tensor:
-    method = registry.METHODS[e.method]
-    dtype = TORCH_DTYPES[e.dtype]
-    tensors = [_tensor(x, data, device) for x in e.inputs]  # the planner cast them to one dtype
-    generator = torch.Generator().manual_seed(e.seed) if e.seed is not None else None
-    group = Group(tensors, e.base, dict(e.params), {k: list(v) for k, v in e.per_input}, generator)
-    out = registry.function(method)(group)
-    if out.dtype != dtype or out.shape != tensors[0].shape:
-        raise TypeError(f"{e.method} returned {out.dtype} {tuple(out.shape)}, expected {dtype} {tuple(tensors[0].shape)}")
-    return out

@@ -8,7 +8,7 @@ claimed the output, and a run must never report a device nobody checked.
 
 from __future__ import annotations
 
-from .errors import NyxrayError
+from ..errors import NyxrayError
 
 
 def resolve_device(device: str) -> str:
@@ -55,7 +55,7 @@ def check_device(device: str, executor: str, address: str | None = None, actor_g
         return
     import ray
 
-    from .execute.ray_exec import connect
+    from .ray_exec import connect
 
     connect(address)
     check_cluster_cuda(device, ray.cluster_resources().get("GPU", 0.0), actor_gpus)
