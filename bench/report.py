@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from common import MB, human
 from measure import Case
 
-from nyxray.parts import DEFAULT_UNIT_SIZE
+from nyxray.output.parts import DEFAULT_UNIT_SIZE
 
 if TYPE_CHECKING:
     from bench import Bench

@@ -10,10 +10,10 @@ import os
 import time
 from typing import Any
 
-from .commit import verify as verify_output
 from .driver import Target, balance, check_execution, needs_math, pipeline_text, prepared, run_targets, target_report, write_report
 from .errors import NyxrayError
 from .io.location import location
+from .output.commit import verify as verify_output
 from .plan.sources import Resolver
 from .plan.stages import Plan, parse_size
 from .plan.stages import plan as make_plan

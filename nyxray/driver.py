@@ -16,16 +16,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .assemble import Assemblies
-from .commit import Claim, claim, finalize, inspect, record_shard
 from .errors import NyxrayError, RecipeError
 from .execute.choice import EXECUTORS, Choice, choose
 from .execute.devices import check_device
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
 from .io.location import Location, location
-from .lease import hold
-from .parts import parse_unit_size
+from .output.assemble import Assemblies
+from .output.commit import Claim, claim, finalize, inspect, record_shard
+from .output.lease import hold
+from .output.parts import parse_unit_size
 from .plan.expr import leaf_bytes
 from .plan.sources import Model, Resolver
 from .plan.stages import Plan, StagePlan, parse_size

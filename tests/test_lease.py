@@ -17,10 +17,10 @@ import pytest
 import s3fs
 
 import nyxray
-from nyxray import lease as lease_mod
 from nyxray.errors import OutputError
 from nyxray.io.location import location
-from nyxray.lease import LEASE, hold
+from nyxray.output import lease as lease_mod
+from nyxray.output.lease import LEASE, hold
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1A = os.path.join(REPO, "recipes", "loyal-piano-cybertron-11B.yml")

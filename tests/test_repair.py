@@ -185,7 +185,7 @@ def test_overwrite_drops_another_plans_resume_records(tmp_path):
     (same names, and their bytes still match A's records)."""
     import json
 
-    from nyxray.commit import STATE, STATE_DIR, plan_id
+    from nyxray.output.commit import STATE, STATE_DIR, plan_id
     from nyxray.synthetic import ModelShape, make_model
 
     shape = ModelShape(hidden=64, intermediate=128, layers=4, vocab=2048, heads=4, kv_heads=2)

@@ -20,8 +20,8 @@ import pytest
 import s3fs
 
 import nyxray
-from nyxray import parts as P
 from nyxray.errors import StorageError
+from nyxray.output import parts as P
 from nyxray.plan.expr import leaves
 from nyxray.synthetic import ModelShape, make_model
 

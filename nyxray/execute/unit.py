@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..io.location import Location, Range, read_ranges
-from ..parts import PartJob, digest_mismatch
+from ..output.parts import PartJob, digest_mismatch
 from ..plan.expr import Expr, Leaf, leaf_bytes, leaves
 from ..plan.stages import ShardPlan
 from ..plan.tensor import PlannedTensor
@@ -36,9 +36,9 @@ class Unit:
     the file is still there with exactly those bytes it is reused instead of recomputed.
     ``siblings`` are shards of other outputs with the same tensors in the same file order (a
     sweep's members): they are computed in the same pass, so each input byte is read once for all.
-    ``part``: only one part of the shard (a run of its tensors, :mod:`nyxray.parts`) is produced,
+    ``part``: only one part of the shard (a run of its tensors, :mod:`nyxray.output.parts`) is produced,
     and ``expected`` is then that part's record (on S3, one the driver already found in the
-    pending upload it adopted: :mod:`nyxray.assemble`).
+    pending upload it adopted: :mod:`nyxray.output.assemble`).
     """
 
     out: Location

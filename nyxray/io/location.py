@@ -165,7 +165,7 @@ class Location:
         """Drop what killed writers left under this location: hidden ``.nyxray-*.tmp`` files, and
         on S3 the pending (never completed, so invisible) multipart uploads, except those whose
         upload id is in ``keep`` (a killed run's uploads that this run may adopt: its driver then
-        adopts or aborts each, :mod:`nyxray.assemble`). Only call this when no writer of this
+        adopts or aborts each, :mod:`nyxray.output.assemble`). Only call this when no writer of this
         location is running (under its lease). Returns how many were removed."""
         removed = 0
         for f in self.listdir():

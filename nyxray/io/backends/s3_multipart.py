@@ -10,11 +10,11 @@ order); :meth:`MultipartUpload.discard` aborts it. A failed or killed writer nev
 object under the final name (a killed one leaves a pending upload, which
 ``Location.remove_partial_writes`` aborts, unless the next run adopts it: below).
 
-The three phases are separate so that a shard split into parts (:mod:`nyxray.parts`) is one
+The three phases are separate so that a shard split into parts (:mod:`nyxray.output.parts`) is one
 upload: :func:`begin` on the driver, :class:`PartUploader` (``put part``, no other side effect) on
 any worker, :func:`complete` or :func:`abort` on the driver. :func:`list_parts` lets the driver of
 a resumed run check what a killed run's upload still holds before it adopts it
-(:mod:`nyxray.assemble`).
+(:mod:`nyxray.output.assemble`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class PartUploader:
 
     It never creates, completes or aborts the upload: with ``upload_id`` given it is the ``put
     part`` phase of an upload the driver began and will complete (a sub-shard part on a worker:
-    :mod:`nyxray.parts`); :class:`MultipartUpload` adds the other two phases for a whole object.
+    :mod:`nyxray.output.parts`); :class:`MultipartUpload` adds the other two phases for a whole object.
     Every part but the last of the run is ``part_size`` bytes.
     """
 

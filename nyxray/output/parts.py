@@ -13,12 +13,12 @@ Where a part's bytes go (:class:`PartJob`, carried by the work unit to the worke
 
 - a local or shared file system: at its offset (``os.pwrite``) into the shard's assembly file,
   which the driver preallocated under ``.nyxray/parts/<shard>/`` and renames into place once every
-  part is in (:mod:`nyxray.assemble`); the worker fsyncs its bytes before it reports;
+  part is in (:mod:`nyxray.output.assemble`); the worker fsyncs its bytes before it reports;
 - S3: as consecutive part numbers of the shard's one multipart upload, begun and completed (or
   aborted) by the driver; every S3 part but the file's last is at least 5 MiB. The worker's
   receipt (the ETag of each S3 part number) goes into the driver's record of the part.
 
-Resume is per part on both (:mod:`nyxray.assemble`): the driver records the layout and each
+Resume is per part on both (:mod:`nyxray.output.assemble`): the driver records the layout and each
 part it takes under ``.nyxray/parts/<shard>/``, and the same command after a crash redoes only
 the parts not recorded. Locally the recorded parts' bytes are checked in the assembly file; on
 S3 a killed run's pending upload is adopted once ListParts shows every recorded part's ETags
@@ -36,11 +36,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import NyxrayError, StorageError
-from .io.backends.local_writeback import Writeback
-from .io.backends.s3_multipart import MIN_PART, PartUploader
-from .io.location import DEFAULT_PART, Location
-from .plan.stages import ShardPlan, parse_size
+from ..errors import NyxrayError, StorageError
+from ..io.backends.local_writeback import Writeback
+from ..io.backends.s3_multipart import MIN_PART, PartUploader
+from ..io.location import DEFAULT_PART, Location
+from ..plan.stages import ShardPlan, parse_size
 
 DEFAULT_UNIT_SIZE = 256 * 2**20
 MIN_UNIT_SIZE = 10**6

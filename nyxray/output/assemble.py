@@ -1,4 +1,4 @@
-"""The driver's side of sub-shard parts (:mod:`nyxray.parts`): split the units of large shards into
+"""The driver's side of sub-shard parts (:mod:`nyxray.output.parts`): split the units of large shards into
 parts, begin (or adopt) each shard's assembly, take in finished parts, complete or abort it.
 
 A part is a work unit like any other to the scheduler. Every assembly keeps its resume state in the
@@ -35,12 +35,12 @@ import contextlib
 import json
 import os
 
-from .errors import NyxrayError
-from .execute.unit import Unit, UnitResult
-from .io.backends.s3_multipart import abort, begin, complete, list_parts
-from .io.location import Location
+from ..errors import NyxrayError
+from ..execute.unit import Unit, UnitResult
+from ..io.backends.s3_multipart import abort, begin, complete, list_parts
+from ..io.location import Location
+from ..plan.stages import ShardPlan
 from .parts import PARTS_DIR, Part, PartJob, cuts, layout, min_part, s3_numbers, s3_pieces, splittable
-from .plan.stages import ShardPlan
 
 LAYOUT = "layout.json"
 

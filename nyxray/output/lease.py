@@ -25,10 +25,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from . import __version__
-from .errors import NyxrayError, OutputError
-from .io.backends import conditional
-from .io.location import Location
+from .. import __version__
+from ..errors import NyxrayError, OutputError
+from ..io.backends import conditional
+from ..io.location import Location
 
 LEASE = ".nyxray-lease.json"
 DEFAULT_TTL = 120.0

@@ -11,7 +11,7 @@ Re-running into a complete output checks it first (as :func:`verify` does). Inta
 untouched. Damaged, it is repaired: the intact shards are recorded as state, then the manifest,
 index and ``config.json`` are removed, so from that moment until the new manifest is written the
 output reads as incomplete to ``verify`` and to any loader; only the damaged shards are rewritten.
-Every step runs under the output's lease (:mod:`nyxray.lease`), so no other run writes there.
+Every step runs under the output's lease (:mod:`nyxray.output.lease`), so no other run writes there.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from typing import Any
 
 import yaml
 
-from . import __version__
+from .. import __version__
+from ..errors import NyxrayError, OutputError, StorageError
+from ..io.location import Location
+from ..methods.registry import METHODS
+from ..plan.expr import signature
+from ..plan.stages import StagePlan
 from .assemble import recorded_uploads
-from .errors import NyxrayError, OutputError, StorageError
-from .io.location import Location
 from .lease import LEASE
-from .methods.registry import METHODS
 from .parts import digest_mismatch
-from .plan.expr import signature
-from .plan.stages import StagePlan
 
 MANIFEST = "nyxray-manifest.json"
 STATE_DIR = ".nyxray"
@@ -132,7 +132,7 @@ def claim(out: Location, stage: StagePlan, c: Claim, overwrite: bool) -> None:
             # take that plan's shards (same names, bytes matching their old records) for its own.
             out.delete_tree(STATE_DIR)
     # A killed run of this plan may have left split shards' uploads that this run adopts or aborts
-    # (nyxray.assemble); every other pending upload is a killed writer's leftover.
+    # (nyxray.output.assemble); every other pending upload is a killed writer's leftover.
     out.remove_partial_writes(keep=() if overwrite else recorded_uploads(out))
     out.makedirs()
     _write_state(out, stage, c)
@@ -159,7 +159,7 @@ def _shard_problem(out: Location, rec: dict) -> str | None:
     size = out.size(name)
     if size != rec["size"]:
         return f"{name}: size {size} != {rec['size']} in the manifest"
-    if digest_mismatch(out, name, rec):  # one sha256 for the file, or one per part (nyxray.parts)
+    if digest_mismatch(out, name, rec):  # one sha256 for the file, or one per part (nyxray.output.parts)
         return f"{name}: sha256 does not match the manifest (corrupted)"
     return None
 
@@ -243,7 +243,7 @@ def finalize(out: Location, stage: StagePlan, shards: dict[str, dict], pipeline_
 
 def verify(out: Location) -> list[str]:
     """Check a committed output against its manifest; returns the problems found (empty = good)."""
-    from .io.safetensors import header_length, parse_header
+    from ..io.safetensors import header_length, parse_header
 
     try:
         manifest = json.loads(out.read(MANIFEST))
