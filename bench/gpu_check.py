@@ -7,7 +7,7 @@ Self-contained (no pytest); run it on a machine with a GPU, from the repository 
     python bench/gpu_check.py --size 512M     # smaller
     python bench/gpu_check.py --size small    # about 256 MB: a quick look
 
-Steps (synthetic Mistral-shaped bf16 models from ``nyxray.synthetic``, ``executor="local"``):
+Steps (synthetic Mistral-shaped bf16 models from ``nyxray.demo.synthetic``, ``executor="local"``):
 
 1. correctness, small models: a passthrough recipe (a frankenmerge: byte copies), the same cast to
    float16 (computed on the device), a SLERP recipe with a ``t`` gradient, and one recipe for each
@@ -63,7 +63,7 @@ def parse_size(text: str) -> int:
 
 def big_shape(size: int):
     """A Mistral-like shape whose checkpoint is about ``size`` bytes in bf16."""
-    from nyxray.synthetic import ModelShape, tensor_shapes
+    from nyxray.demo.synthetic import ModelShape, tensor_shapes
 
     if size >= 2**30:
         base = dict(hidden=4096, intermediate=14336, vocab=32000, heads=32, kv_heads=8)
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"device: {dev} (dry run: the CPU stands in for the GPU); CPU threads: {torch.get_num_threads()}")
 
-    from nyxray.synthetic import ModelShape, make_model
+    from nyxray.demo.synthetic import ModelShape, make_model
 
     work = args.workdir or tempfile.mkdtemp(prefix="nyxray-gpu-check-")
     os.makedirs(work, exist_ok=True)

@@ -1,7 +1,7 @@
 """Input models: their shapes, building them once (cached in the work dir), the recipes run on them,
 and reading them once before timing (a warm page cache).
 
-* ``BenchInputs``: ``bench.py``'s four Nyxene source models (``nyxray.synthetic.make_model``), the
+* ``BenchInputs``: ``bench.py``'s four Nyxene source models (``nyxray.demo.synthetic.make_model``), the
   48-layer stage-1 pair built from them with nyxray, the recipes (nyxray's and mergekit's, with
   absolute paths) and nyxray's plans of them.
 * ``write_random_model``: a random bf16 checkpoint of any size written in chunks, never more than
@@ -165,7 +165,7 @@ class BenchInputs:
                 continue
             shutil.rmtree(path, ignore_errors=True)
             self._sub(
-                "from nyxray.synthetic import make_model, ModelShape\n"
+                "from nyxray.demo.synthetic import make_model, ModelShape\n"
                 f"make_model({path!r}, {shape}, seed={seed}, shard_bytes={self.in_shard})\n"
                 f"open({os.path.join(path, DONE)!r}, 'w').close()\n",
                 f"built {name} ({human(self.model_size)})",
@@ -235,7 +235,7 @@ class BenchInputs:
 def write_random_model(path: str, dims: dict[str, int], seed: int, shard_bytes: int = 5 * 10**9) -> float:
     """Write a random bf16 Mistral checkpoint of ``dims`` to the directory ``path`` (safetensors
     shards of at most ``shard_bytes``, the index, config and tokenizer files of
-    ``nyxray.synthetic``); marks it done last. Returns the seconds it took.
+    ``nyxray.demo.synthetic``); marks it done last. Returns the seconds it took.
 
     Each tensor is drawn and written in chunks of ``CHUNK`` bytes: random sign, exponent and mantissa
     bits with magnitudes in [2^-7, 2^-4) (like 0.02 * N(0, 1) weights: two such models take SLERP's
@@ -243,7 +243,7 @@ def write_random_model(path: str, dims: dict[str, int], seed: int, shard_bytes: 
     """
     import numpy as np
 
-    from nyxray.synthetic import ModelShape, _tokenizer_files, config_dict, tensor_shapes
+    from nyxray.demo.synthetic import ModelShape, _tokenizer_files, config_dict, tensor_shapes
 
     t0 = time.perf_counter()
     shutil.rmtree(path, ignore_errors=True)

@@ -36,7 +36,7 @@ WEIGHTS = ("1.0", "0.6", "0.4")
 
 def shape_for(size: int):
     """A Mistral-like shape (hidden 1024 .. 4096, 32000 vocabulary) whose bf16 checkpoint is ~size bytes."""
-    from nyxray.synthetic import ModelShape
+    from nyxray.demo.synthetic import ModelShape
 
     hidden = 1024 if size < 3 * 2**30 else 4096
     inter = hidden * 7 // 2
@@ -78,7 +78,7 @@ def main() -> int:
     nyx = [os.path.join(os.path.dirname(sys.executable), "nyxray"), "merge"]
     mk = [os.path.join(a.mergekit_bin, "mergekit-yaml")]
     try:
-        from nyxray.synthetic import make_model
+        from nyxray.demo.synthetic import make_model
 
         shape = shape_for(size)
         t0 = time.time()

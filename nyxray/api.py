@@ -10,7 +10,6 @@ import os
 import time
 from typing import Any
 
-from .driver import Target, balance, check_execution, needs_math, pipeline_text, prepared, run_targets, target_report, write_report
 from .errors import NyxrayError
 from .io.location import location
 from .output.commit import verify as verify_output
@@ -18,6 +17,7 @@ from .plan.sources import Resolver
 from .plan.stages import Plan, parse_size
 from .plan.stages import plan as make_plan
 from .recipe.parse import Recipe, load_pipeline
+from .run import Target, balance, check_execution, needs_math, pipeline_text, prepared, run_targets, target_report, write_report
 
 
 def _resolver(models: dict[str, str] | None, models_root: str | None, storage_options: dict[str, Any] | None) -> Resolver:
@@ -176,6 +176,6 @@ def release_actors() -> int:
 
 def sweep(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run a sweep file (see :mod:`nyxray.recipe.sweep`)."""
-    from .driver import run_sweep
+    from .run import run_sweep
 
     return run_sweep(*args, **kwargs)

@@ -8,11 +8,11 @@ import os
 import sys
 
 from . import __version__, api, cli_compat
-from .driver import EXECUTORS
 from .errors import NyxrayError
 from .execute import heap
 from .io.location import parse_storage_options
 from .plan.describe import methods_table, plan_text, report_text
+from .run import EXECUTORS
 
 
 def _mapping(pairs: list[str]) -> dict[str, str]:

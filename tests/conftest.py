@@ -14,7 +14,7 @@ import pytest
 
 pytest_plugins = ["tests.conftest_s3"]
 
-from nyxray.synthetic import ModelShape, make_nyxene_sources  # noqa: E402 - after the Ray environment is set
+from nyxray.demo.synthetic import ModelShape, make_nyxene_sources  # noqa: E402 - after the Ray environment is set
 
 SHAPE = ModelShape(hidden=128, intermediate=256, layers=32, vocab=9000, heads=4, kv_heads=2)
 INPUT_SHARD_BYTES = 3_000_000

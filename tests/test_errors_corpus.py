@@ -24,7 +24,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from nyxray import cli
-from nyxray.synthetic import ModelShape, make_model
+from nyxray.demo.synthetic import ModelShape, make_model
 
 SMALL = ModelShape(hidden=32, intermediate=64, layers=4, vocab=512)
 SHARD_BYTES = 40_000  # four shards and an index for SMALL

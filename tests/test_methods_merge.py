@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 import nyxray
 from nyxray.cli import main as cli
+from nyxray.demo.synthetic import ModelShape, make_model
 from nyxray.errors import ModelError, NyxrayError, RecipeError
 from nyxray.plan.describe import plan_text
-from nyxray.synthetic import ModelShape, make_model
 
 SHAPE = ModelShape(hidden=64, intermediate=128, layers=4, vocab=2048, heads=4, kv_heads=2)
 OTHER_SHAPE = ModelShape(hidden=64, intermediate=160, layers=4, vocab=2048, heads=4, kv_heads=2)

@@ -36,11 +36,11 @@ from typing import Any
 import pytest
 
 import nyxray.api as api
-from nyxray.driver import Target, run_targets
 from nyxray.errors import NyxrayError
 from nyxray.execute.choice import choose
 from nyxray.io.location import location
 from nyxray.plan.expr import leaves
+from nyxray.run import Target, run_targets
 from tests.conftest import RAY_WORKER_NODE_ARGS
 from tests.records import finished_shards
 

@@ -9,10 +9,10 @@ import textwrap
 import pytest
 
 from nyxray import api
+from nyxray.demo.synthetic import ModelShape, make_model
 from nyxray.errors import NyxrayError, RecipeError
 from nyxray.recipe.parameters import evaluate, filter_matches, gradient, resolve
 from nyxray.recipe.parse import load_pipeline, parse_pipeline
-from nyxray.synthetic import ModelShape, make_model
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 SMALL = ModelShape(hidden=32, intermediate=64, layers=4, vocab=512)

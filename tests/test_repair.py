@@ -185,8 +185,8 @@ def test_overwrite_drops_another_plans_resume_records(tmp_path):
     (same names, and their bytes still match A's records)."""
     import json
 
+    from nyxray.demo.synthetic import ModelShape, make_model
     from nyxray.output.commit import STATE, STATE_DIR, plan_id
-    from nyxray.synthetic import ModelShape, make_model
 
     shape = ModelShape(hidden=64, intermediate=128, layers=4, vocab=2048, heads=4, kv_heads=2)
     src = {n: make_model(str(tmp_path / n), shape, seed=i, shard_bytes=10**9) for i, n in enumerate(("a", "b"), start=1)}

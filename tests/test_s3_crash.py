@@ -20,10 +20,10 @@ import pytest
 import s3fs
 
 import nyxray
+from nyxray.demo.synthetic import ModelShape, make_model
 from nyxray.errors import StorageError
 from nyxray.output import parts as P
 from nyxray.plan.expr import leaves
-from nyxray.synthetic import ModelShape, make_model
 
 # Two 41 MB models; three output shards of 12-15 MB.
 SHAPE = ModelShape(hidden=512, intermediate=1024, layers=6, vocab=6000, heads=4, kv_heads=2)

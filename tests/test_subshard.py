@@ -14,9 +14,9 @@ import pytest
 import s3fs
 
 import nyxray
+from nyxray.demo.synthetic import ModelShape, make_model
 from nyxray.errors import NyxrayError, StorageError
 from nyxray.output import parts as P
-from nyxray.synthetic import ModelShape, make_model
 
 SHAPE = ModelShape(hidden=512, intermediate=1024, layers=16, vocab=2048, heads=8, kv_heads=4)  # about 80 MB in bf16
 RECIPE = """\

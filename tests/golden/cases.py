@@ -21,12 +21,12 @@ import os
 from dataclasses import dataclass, field
 
 try:
-    from nyxray.synthetic import ModelShape, make_model
+    from nyxray.demo.synthetic import ModelShape, make_model
 except ImportError:  # the package's __init__ is broken or mid-refactor: load the generator module alone
     import importlib.util as _ilu
     import sys as _sys
 
-    _p = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "nyxray", "synthetic.py")
+    _p = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "nyxray", "demo", "synthetic.py")
     _spec = _ilu.spec_from_file_location("_nyxray_synthetic_standalone", _p)
     _mod = _ilu.module_from_spec(_spec)
     _sys.modules[_spec.name] = _mod
@@ -69,7 +69,7 @@ class ModelSpec:
         )
 
 
-# The four Nyxene sources are exactly what nyxray.synthetic.make_nyxene_sources(root, SHAPE,
+# The four Nyxene sources are exactly what nyxray.demo.synthetic.make_nyxene_sources(root, SHAPE,
 # INPUT_SHARD_BYTES) makes (seeds 1..4 in NYXENE_SOURCES order).
 UNA = "fblgit/una-cybertron-7b-v2"
 LOYAL = "chargoddard/loyal-piano-m7-cdpo"

@@ -1,16 +1,18 @@
 """The embedded default job: small random stand-ins for the four Nyxene source models, merged
-through the whole Nyxene-v2-11B pipeline (``recipes/nyxene-v2-11b.pipeline.yml``) on a local Ray."""
+through the whole Nyxene-v2-11B pipeline (``recipes/nyxene-v2-11b.pipeline.yml``) on a local Ray.
+
+The stand-ins come from :mod:`.synthetic`, which the tests and the benchmarks use too."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from .api import merge
-from .errors import NyxrayError
+from ..api import merge
+from ..errors import NyxrayError
 from .synthetic import NYXENE_SOURCES, ModelShape, make_nyxene_sources
 
-PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "nyxene-v2-11b.pipeline.yml")
+PIPELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes", "nyxene-v2-11b.pipeline.yml")
 
 
 def run_demo(workdir: str = "demo-out", executor: str = "ray") -> dict[str, Any]:
