@@ -117,7 +117,7 @@ def _role(stack: str, frames: list[str]) -> str:
         return "reader threads"
     if "run_unit (" in stack:
         return "compute (unit main thread)"
-    if "plan.py" in stack or "models.py" in stack:
+    if "nyxray/plan/" in stack:
         return "plan (headers)"
     return "other (commit, driver, start-up)"
 
