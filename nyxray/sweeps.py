@@ -226,6 +226,7 @@ def run_sweep(
         execution.get("actors"),
         execution.get("keep_actors", 0.0),
         execution.get("unit_size"),
+        execution.get("cpu_capability"),
     )
     parse_size(out_shard_size)
     sweep = os.fspath(sweep)
@@ -243,7 +244,7 @@ def run_sweep(
     plans: dict[str, Plan] = {}
     failed: dict[str, str] = {}
     math = needs_math([r for rs in members.values() if not isinstance(rs, NyxrayError) for r in rs])
-    workers_at = {k: execution[k] for k in ("address", "actors", "actor_cpus", "actor_gpus", "keep_actors") if k in execution}
+    workers_at = {k: execution[k] for k in ("address", "actors", "actor_cpus", "actor_gpus", "keep_actors", "cpu_capability") if k in execution}
     with prepared(execution.pop("executor", "auto"), execution.setdefault("device", "auto"), math, **workers_at) as chosen:
         for name, recipes in members.items():
             try:
