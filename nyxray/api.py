@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from .errors import NyxrayError
+from .execute import cpu_capability as cpu_capability_module
 from .io.location import location
 from .output.commit import verify as verify_output
 from .plan.sources import Resolver
@@ -80,6 +81,7 @@ def merge(
     progress: bool = True,
     report: str | None = None,
     random_seed: int | None = None,
+    cpu_capability: str | None = None,
 ) -> dict[str, Any]:
     """Merge ``recipe`` into ``out`` (a local path or any fsspec URL) and return the run report.
 
@@ -100,11 +102,24 @@ def merge(
     ``timings_s`` (plan, start, run, commit), ``throughput_mb_s`` (bytes read and written per
     second of wall time), ``steady_throughput_mb_s`` (the same per second of ``run``),
     ``bytes_read``, ``bytes_read_min``, ``bytes_written``, ``tensors``, ``shards``, ``actors``...
+
+    ``cpu_capability`` (``default``, ``avx2`` or ``avx512``: torch's CPU kernel sets, whose float32
+    rounding differs) is the one every worker computes with; default: the one an unfinished output
+    was begun with, else the driver's. A worker whose CPU cannot run it fails the run; in this
+    process it must be the one torch was imported with (the ``nyxray`` command sets it first).
+    The report's ``cpu_capability`` says which ran (None when nothing was computed).
     """
     started = time.monotonic()
-    check_execution(device, executor, actors, keep_actors, unit_size)
+    check_execution(device, executor, actors, keep_actors, unit_size, cpu_capability)
     recipes = load_pipeline(recipe)
-    workers_at = {"address": address, "actors": actors, "actor_cpus": actor_cpus, "actor_gpus": actor_gpus, "keep_actors": keep_actors}
+    workers_at = {
+        "address": address,
+        "actors": actors,
+        "actor_cpus": actor_cpus,
+        "actor_gpus": actor_gpus,
+        "keep_actors": keep_actors,
+        "cpu_capability": cpu_capability_module.validate(cpu_capability),
+    }
     with prepared(executor, device, needs_math(recipes), **workers_at) as chosen:  # on a named cluster, actors start while the headers are read
         p = plan(
             recipes,

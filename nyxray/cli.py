@@ -10,6 +10,8 @@ import sys
 from . import __version__, api, cli_compat
 from .errors import NyxrayError
 from .execute import heap
+from .execute.cpu_capability import CAPABILITIES
+from .execute.cpu_capability import ENV as CAPABILITY_ENV
 from .io.location import parse_storage_options
 from .plan.describe import methods_table, plan_text, report_text
 from .run import EXECUTORS
@@ -64,6 +66,11 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--actor-gpus", type=float, help="GPUs per actor (default 1 when the cluster has GPUs)")
     r.add_argument(
+        "--cpu-capability",
+        choices=CAPABILITIES,
+        help="torch's CPU kernel set every worker computes with (their float32 rounding differs); default: the driver's, or the one an unfinished output was begun with",
+    )
+    r.add_argument(
         "--unit-size",
         metavar="SIZE",
         help="most output bytes one work unit writes, K/M/B suffixes (decimal); a larger shard is split into parts computed by several workers; default 256 MiB",
@@ -97,6 +104,7 @@ def _execution(args: argparse.Namespace) -> dict:
         progress=not args.quiet,
         report=args.report,
         random_seed=args.random_seed,
+        cpu_capability=args.cpu_capability,
     )
 
 
@@ -137,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     heap.one_arena()  # before any thread exists: this process merges (nyxray.execute.heap)
     args = build_parser().parse_args(argv)
+    if getattr(args, "cpu_capability", None):  # torch, not imported yet, reads it when it loads
+        os.environ[CAPABILITY_ENV] = args.cpu_capability
     try:
         if args.command in ("merge", "sweep"):
             for note in cli_compat.apply(args):

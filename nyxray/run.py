@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import NyxrayError, RecipeError
+from .errors import NyxrayError, OutputError, RecipeError
+from .execute import cpu_capability as cpu_capability_module
 from .execute.choice import EXECUTORS, Choice, choose
 from .execute.devices import check_device
 from .execute.progress import Progress
@@ -26,7 +27,7 @@ from .output.assemble import Assemblies
 from .output.commit import Claim, claim, finalize, inspect, record_shard
 from .output.lease import hold
 from .output.parts import parse_unit_size
-from .plan.expr import leaf_bytes
+from .plan.expr import Leaf, leaf_bytes
 from .plan.sources import Model, Resolver
 from .plan.stages import Plan, StagePlan, parse_size
 from .plan.stages import plan as make_plan
@@ -49,9 +50,12 @@ class Target:
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def check_execution(device: str, executor: str, actors: int | None, keep_actors: float = 0.0, unit_size: int | str | None = None) -> None:
+def check_execution(
+    device: str, executor: str, actors: int | None, keep_actors: float = 0.0, unit_size: int | str | None = None, cpu_capability: str | None = None
+) -> None:
     """Validate the execution arguments of a merge or sweep before any model is opened."""
     parse_unit_size(unit_size)
+    cpu_capability_module.validate(cpu_capability)
     if device not in DEVICES and not str(device).startswith("cuda:"):
         raise NyxrayError(f"device {device!r}: expected one of {', '.join(DEVICES)} or cuda:N")
     if executor not in EXECUTORS:
@@ -80,9 +84,11 @@ def prepared(
     actor_cpus: float = 1.0,
     actor_gpus: float | None = None,
     keep_actors: float = 0.0,
+    cpu_capability: str | None = None,
 ) -> Iterator[Choice]:
     """Choose the executor and check the device; on a named Ray cluster start the actors, so that
-    they come up while the caller plans inside this block (they are stopped if planning fails)."""
+    they come up while the caller plans inside this block (they are stopped if planning fails).
+    Warmed actors compute with ``cpu_capability``, else the driver's kernel set."""
     chosen = choose(executor, address, keep_actors)
     check_device(device, chosen.name, address, actor_gpus)  # before any output is claimed
     if not chosen.warm:
@@ -90,7 +96,8 @@ def prepared(
         return
     from .execute.ray_exec import cool_down, warm_up
 
-    handles = warm_up(device, address, actors, actor_cpus, actor_gpus, math)
+    pin = (cpu_capability or cpu_capability_module.current()) if math else None
+    handles = warm_up(device, address, actors, actor_cpus, actor_gpus, math, pin)
     try:
         yield chosen
     except BaseException:
@@ -102,12 +109,28 @@ def _signature(unit: Unit) -> tuple:
     return (unit.shard.name, tuple((e.name, e.dtype, e.shape) for e in unit.shard.entries))
 
 
-def make_units(targets: list[Target], overwrite: bool, share_reads: bool) -> list[Unit]:
+def pin_capability(targets: list[Target], named: str | None, overwrite: bool) -> str | None:
+    """The CPU kernel set every worker computes with (:mod:`.execute.cpu_capability`): the one an
+    unfinished or repaired output was begun with, else ``named``, else the driver's. None when
+    nothing is computed (copies run no kernel)."""
+    if not any(not isinstance(t.expr, Leaf) for tg in targets for t in tg.stage.tensors):
+        return None
+    begun = {tg.claim.cpu_capability: tg.loc.display for tg in targets if tg.claim and tg.claim.cpu_capability and not overwrite}
+    if len(begun) > 1 or (named and begun and named not in begun):
+        shown = "; ".join(f"{loc} with {cap}" for cap, loc in begun.items())
+        raise OutputError(f"outputs were begun with other CPU kernels ({shown}): resume each with its own --cpu-capability, or pass --overwrite to start again")
+    return next(iter(begun), None) or named or cpu_capability_module.current()
+
+
+def make_units(targets: list[Target], overwrite: bool, share_reads: bool, named_capability: str | None = None) -> list[Unit]:
     """Claim every target's location (refusing what must not be touched) and build the units."""
     units: list[Unit] = []
     for tg in targets:  # every location is checked before any is written to
         tg.claim = inspect(tg.loc, tg.stage, overwrite)
+    pin = pin_capability(targets, named_capability, overwrite)
     for tg in targets:
+        assert tg.claim is not None
+        tg.claim.cpu_capability = pin
         claim(tg.loc, tg.stage, tg.claim, overwrite)
         # Shards claim checked byte for byte (a complete output's) need no unit; a damaged one is rewritten.
         verified = tg.claim.verified
@@ -140,6 +163,7 @@ def run_targets(
     actor_gpus: float | None = None,
     keep_actors: float = 0.0,
     unit_size: int | str | None = None,
+    cpu_capability: str | None = None,
 ) -> tuple[list[dict], dict[str, float], dict[str, str]]:
     """Run and commit every target on ``executor`` (from :func:`prepared`); returns the per-worker
     summaries, the phase timings and the executor's report (``name`` and ``why``).
@@ -148,11 +172,13 @@ def run_targets(
     unit is handed out), ``run`` (until the last unit is done), ``commit`` (index, config, manifest).
     ``actors`` is the number of workers (Ray actors, or threads of this process for ``local``).
     A shard larger than ``unit_size`` is computed as parts by several workers (:mod:`.assemble`).
+    Every worker computes with one CPU kernel set (:func:`pin_capability`).
     """
     unit_bytes = parse_unit_size(unit_size)
     started = time.monotonic()
     with hold([tg.loc for tg in targets]) as leases:  # one writer per output, from claim to commit
-        units = make_units(targets, overwrite, share_reads)
+        units = make_units(targets, overwrite, share_reads, cpu_capability)
+        pin = targets[0].claim.cpu_capability if targets[0].claim else None
         by_loc = {tg.loc.display: tg for tg in targets}
         assemblies = Assemblies()
 
@@ -176,12 +202,21 @@ def run_targets(
             elif executor.name == "local":
                 from .execute.local import execute as run_local
 
-                workers = run_local(units, device, bar, on_result, workers=actors)
+                workers = run_local(units, device, bar, on_result, workers=actors, cpu_capability=pin)
             else:
                 from .execute.ray_exec import execute as run_ray
 
                 workers = run_ray(
-                    units, device, bar, on_result, address=address, actors=actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus, keep_actors=keep_actors
+                    units,
+                    device,
+                    bar,
+                    on_result,
+                    address=address,
+                    actors=actors,
+                    actor_cpus=actor_cpus,
+                    actor_gpus=actor_gpus,
+                    keep_actors=keep_actors,
+                    cpu_capability=pin,
                 )
         except BaseException:
             assemblies.abort()  # S3: no pending upload left; locally the parts stay for a resume
@@ -194,7 +229,7 @@ def run_targets(
             assert tg.claim is not None
             if not tg.claim.complete or any(not r.reused for r in tg.results):
                 records = {r.path: r.record() for r in tg.results}
-                finalize(tg.loc, tg.stage, records, tg.text, copy_tokenizer, write_model_card)
+                finalize(tg.loc, tg.stage, records, tg.text, copy_tokenizer, write_model_card, tg.claim.cpu_capability)
     timings = {"start": began - started, "run": ran - began, "commit": time.monotonic() - ran}
     return workers, {k: round(v, 3) for k, v in timings.items()}, executor.report()
 
@@ -212,6 +247,7 @@ def target_report(tg: Target) -> dict[str, Any]:
         "bytes_read_tensors": sum(r.bytes_read for r in tg.results),
         "bytes_written": sum(r.bytes_written for r in tg.results),
         "already_complete": bool(tg.claim and tg.claim.complete and not any(not r.reused for r in tg.results)),
+        "cpu_capability": tg.claim.cpu_capability if tg.claim else None,
     }
 
 
@@ -260,6 +296,7 @@ def run_sweep(
         execution.get("actors"),
         execution.get("keep_actors", 0.0),
         execution.get("unit_size"),
+        execution.get("cpu_capability"),
     )
     parse_size(out_shard_size)
     sweep = os.fspath(sweep)
@@ -277,7 +314,7 @@ def run_sweep(
     plans: dict[str, Plan] = {}
     failed: dict[str, str] = {}
     math = needs_math([r for rs in members.values() if not isinstance(rs, NyxrayError) for r in rs])
-    workers_at = {k: execution[k] for k in ("address", "actors", "actor_cpus", "actor_gpus", "keep_actors") if k in execution}
+    workers_at = {k: execution[k] for k in ("address", "actors", "actor_cpus", "actor_gpus", "keep_actors", "cpu_capability") if k in execution}
     with prepared(execution.pop("executor", "auto"), execution.setdefault("device", "auto"), math, **workers_at) as chosen:
         for name, recipes in members.items():
             try:

@@ -10,9 +10,34 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 pytest_plugins = ["tests.conftest_s3"]
+
+
+def _pin_golden_capability() -> None:
+    """Compute with the CPU kernel set golden.json was made under, where this CPU can run it.
+
+    torch reads ATEN_CPU_CAPABILITY once, when imported, so this runs before anything imports it;
+    the merges' bytes then match mergekit's recorded ones on AVX-512 and AVX2 machines alike. A
+    variable set by the caller (to emulate another CPU) is kept. Which kernel sets this CPU can
+    run is asked of torch in a child process, which imports it without the variable.
+    """
+    if "ATEN_CPU_CAPABILITY" in os.environ:
+        return
+    with open(os.path.join(os.path.dirname(__file__), "golden", "capabilities.json")) as f:
+        wanted = json.load(f)["golden"]
+    probe = "from nyxray.execute.cpu_capability import runnable; print(' '.join(runnable()))"
+    runnable = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    if wanted in runnable:
+        os.environ["ATEN_CPU_CAPABILITY"] = wanted
+
+
+_pin_golden_capability()
 
 from nyxray.demo.synthetic import ModelShape, make_nyxene_sources  # noqa: E402 - after the Ray environment is set
 

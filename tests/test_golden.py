@@ -17,14 +17,35 @@ import os
 import pytest
 
 import nyxray
+from nyxray.execute import cpu_capability
 from tests.golden import cases as G
-from tests.golden.stats import load_model_tensors, sumsq_distance
+from tests.golden.stats import departures, load_model_tensors, sumsq_distance
 
-GOLDEN = json.load(open(os.path.join(os.path.dirname(__file__), "golden", "golden.json")))["cases"]
+HERE = os.path.join(os.path.dirname(__file__), "golden")
+GOLDEN_FILE = json.load(open(os.path.join(HERE, "golden.json")))
+# mergekit's bytes under the other CPU kernel sets, for the cases whose bytes depend on it
+# (tests/golden/capabilities.py): the golden bytes hold only under the kernel set they were made with.
+VARIANTS = json.load(open(os.path.join(HERE, "capabilities.json")))
+RUNNING = cpu_capability.current()
+GOLDEN = {name: {**case, **VARIANTS["cases"].get(RUNNING, {}).get(name, {})} for name, case in GOLDEN_FILE["cases"].items()}
+pytestmark = pytest.mark.skipif(
+    RUNNING != GOLDEN_FILE["cpu_capability"].lower() and RUNNING not in VARIANTS["cases"],
+    reason=f"torch computes with {RUNNING} kernels here; mergekit's bytes were recorded under {GOLDEN_FILE['cpu_capability']} and {', '.join(VARIANTS['cases'])}",
+)
 # mergekit's SLERP sums a chunk's dot product with as many threads as torch has; nyxray always
 # uses one (the output must not depend on the actor's size), so it matches --num-threads 1.
 SINGLE_THREAD = [c for c in G.CASES if c.threads == 1 and not c.dense]
 RANDOM = [c for c in G.CASES if c.dense]
+
+
+def test_golden_file_states_what_it_was_made_with():
+    """Byte identity holds for one mergekit, one torch and one CPU kernel set: the file must say which."""
+    import torch
+
+    assert GOLDEN_FILE["mergekit"] == "0.1.5"
+    assert GOLDEN_FILE["torch"] == torch.__version__, "the golden bytes were made with another torch: remake them (tests/golden/make_golden.py)"
+    assert GOLDEN_FILE["cpu_capability"].lower() in cpu_capability.CAPABILITIES
+    assert set(VARIANTS["cases"]) <= set(cpu_capability.CAPABILITIES) - {GOLDEN_FILE["cpu_capability"].lower()}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +76,7 @@ def run_case(case: G.Case, golden_inputs, executor: str, outputs: dict[str, str]
     return out
 
 
-def check(case: G.Case, out: str) -> None:
+def check(case: G.Case, out: str, models: dict[str, str]) -> None:
     want = GOLDEN[case.name]
     shards = {f: v for f, v in want["files"].items() if f.endswith(".safetensors")}
     got = {f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest() for f in os.listdir(out) if f.endswith(".safetensors")}
@@ -79,10 +100,42 @@ def check(case: G.Case, out: str) -> None:
         assert index["metadata"]["total_size"] == want["index"]["metadata"]["total_size"]
     else:
         assert not os.path.exists(os.path.join(out, "model.safetensors.index.json"))
-    config = json.load(open(os.path.join(out, "config.json")))
-    assert config["num_hidden_layers"] == want["config"]["num_hidden_layers"]
-    for f in want["other_files"]:
-        assert os.path.exists(os.path.join(out, f)), f
+    assert config_disagreements(json.load(open(os.path.join(out, "config.json"))), json.loads(want["config_text"])) == [], case.name
+    written = {
+        f for f in os.listdir(out) if not f.endswith(".safetensors") and f not in ("config.json", "model.safetensors.index.json", "nyxray-manifest.json")
+    }
+    assert written == set(want["other_files"])
+    for f in want["other_files"]:  # the donor's files, copied as mergekit copied them
+        assert want["other_files_equal_donor"][f], f"{case.name}: mergekit rewrote {f}; this check expects a copy"
+        assert hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest() == want["files"][f]["sha256"], f"{case.name}: {f} differs from mergekit's"
+    if case.exact_up_to:
+        check_sampled(case, out, models[G.BASE], want["sampled_departures"])
+
+
+# transformers 5 renames these when mergekit saves the config; nyxray keeps the donor's names
+RENAMED = {"torch_dtype": "dtype"}
+
+
+def config_disagreements(ours: dict, theirs: dict) -> list[str]:
+    """Keys of nyxray's config.json whose value mergekit's does not have. mergekit 0.1.5 saves the
+    config through transformers (every default field added, rope settings nested, its version
+    stamped), nyxray writes the donor's with the merged layer count and dtype: the text differs,
+    every value nyxray writes must not."""
+    flat = {**theirs, **(theirs.get("rope_parameters") or {})}
+    missing = object()
+    return [f"{k}: {v!r} vs {flat.get(RENAMED.get(k, k), missing)!r}" for k, v in ours.items() if flat.get(RENAMED.get(k, k), missing) != v]
+
+
+def check_sampled(case: G.Case, out: str, base_dir: str, theirs: dict[str, dict[str, float]]) -> None:
+    """Tensors whose quartiles come from a random sample: nyxray's must move from the base as far,
+    and in as many elements, as mergekit's (the sample's error is far below these bounds)."""
+    base = load_model_tensors(base_dir)
+    ours = departures(load_model_tensors(out), base, sorted(theirs))
+    assert theirs, f"{case.name}: the golden file records no sampled tensor"
+    for name, t in theirs.items():
+        assert t["moved"] > 0.001, f"{case.name}: {name}: mergekit moved no element (the statistic would prove nothing)"
+        assert abs(ours[name]["moved"] / t["moved"] - 1) < 0.05, f"{case.name}: {name}: moved {ours[name]['moved']:.4f} of elements, mergekit {t['moved']:.4f}"
+        assert abs(ours[name]["sumsq"] / t["sumsq"] - 1) < 0.05, f"{case.name}: {name}: distance from base {ours[name]['sumsq'] / t['sumsq']:.3f}x mergekit's"
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +145,7 @@ def local_outputs():
 
 @pytest.mark.parametrize("case", SINGLE_THREAD, ids=[c.name for c in SINGLE_THREAD])
 def test_matches_mergekit_in_process(case, golden_inputs, local_outputs):
-    check(case, run_case(case, golden_inputs, "local", local_outputs))
+    check(case, run_case(case, golden_inputs, "local", local_outputs), golden_inputs[1])
 
 
 @pytest.mark.parametrize("case", RANDOM, ids=[c.name for c in RANDOM])
@@ -101,7 +154,7 @@ def test_random_methods_match_mergekit_statistically(case, golden_inputs, local_
     their bits differ; measured from the dense (unsparsified) merge, nyxray's output must lie as far
     away as mergekit's: the same expected density and the same rescaling."""
     out = run_case(case, golden_inputs, "local", local_outputs)
-    check(case, out)
+    check(case, out, golden_inputs[1])
     dense = run_case(G.CASES_BY_NAME[case.dense], golden_inputs, "local", local_outputs)
     ours = sumsq_distance(load_model_tensors(out), load_model_tensors(dense))
     theirs = GOLDEN[case.name]["dense_sumsq"]
@@ -121,7 +174,7 @@ def test_random_methods_match_mergekit_statistically(case, golden_inputs, local_
 def test_matches_mergekit_on_ray(name, ray_cluster, golden_inputs, local_outputs):
     case = G.CASES_BY_NAME[name]
     deps = dict(local_outputs)
-    check(case, run_case(case, golden_inputs, "ray", deps))
+    check(case, run_case(case, golden_inputs, "ray", deps), golden_inputs[1])
 
 
 def test_fused_pipeline_with_a_ties_stage_matches_mergekit_run_stage_by_stage(golden_inputs, tmp_path):
@@ -135,4 +188,4 @@ def test_fused_pipeline_with_a_ties_stage_matches_mergekit_run_stage_by_stage(go
     report = nyxray.merge(f"{stage}---\n{final}", out, executor="local", progress=False, write_model_card=False)
     assert report["stages"] == ["ties_stage", "<final>"]
     assert not os.path.exists(str(tmp_path / "ties_stage"))  # fused: the TIES model is never written
-    check(G.CASES_BY_NAME["ties_stage_slerp"], out)
+    check(G.CASES_BY_NAME["ties_stage_slerp"], out, models)

@@ -8,9 +8,11 @@ are copied (never parsed) by the merge. Values are random (never zeros) so a wro
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -105,7 +107,10 @@ def make_model(
     ``like_noise`` relative noise: nearly colinear pairs for branch-threshold tests.
     """
     os.makedirs(path, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
+    # numpy's generator and float64 arithmetic give the same numbers on every CPU; torch.randn's
+    # float32 kernels do not (they differ between AVX2 and CPUs without it), and the golden tests
+    # need inputs that are identical on every machine.
+    rng = np.random.default_rng(seed)
     base: dict[str, torch.Tensor] = {}
     if like is not None:
         from safetensors.torch import load_file
@@ -115,14 +120,15 @@ def make_model(
                 base.update(load_file(os.path.join(like, f)))
     tensors: dict[str, torch.Tensor] = {}
     for name, s in tensor_shapes(shape).items():
+        noise = rng.standard_normal(s)
         if name in base:
-            ref = base[name].float()
-            t = ref + like_noise * ref.abs().mean() * torch.randn(s, generator=gen)
+            ref = base[name].double().numpy()
+            t = ref + like_noise * (math.fsum(np.abs(ref).ravel().tolist()) / ref.size) * noise
         elif "norm" in name:
-            t = 1.0 + norm_jitter * torch.randn(s, generator=gen)
+            t = 1.0 + norm_jitter * noise
         else:
-            t = 0.02 * torch.randn(s, generator=gen)
-        tensors[name] = t.to(dtype).contiguous()
+            t = 0.02 * noise
+        tensors[name] = torch.from_numpy(t).to(dtype).contiguous()
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

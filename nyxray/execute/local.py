@@ -13,6 +13,7 @@ import platform
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from .cpu_capability import check
 from .devices import resolve_device
 from .progress import Progress
 from .runtime import fix_math_threads, pool_settings
@@ -20,10 +21,19 @@ from .scheduler import Scheduler
 from .unit import Unit, UnitResult, run_unit
 
 
-def execute(units: list[Unit], device: str, progress: Progress, on_result: Callable[[Unit, UnitResult], None], workers: int | None = None) -> list[dict]:
+def execute(
+    units: list[Unit],
+    device: str,
+    progress: Progress,
+    on_result: Callable[[Unit, UnitResult], None],
+    workers: int | None = None,
+    cpu_capability: str | None = None,
+) -> list[dict]:
     """Run every unit here on ``workers`` threads (default: one per core or local GPU); returns
-    the per-worker summary."""
+    the per-worker summary. This process must compute with ``cpu_capability`` when one is pinned."""
     math = any(u.needs_math for u in units)
+    if math and cpu_capability:
+        check(cpu_capability, "this process")
     devices = worker_devices(device if math else "cpu", workers)[: max(1, len(units))]
     with pool_settings(math):
         return Scheduler(ThreadPool(devices, math), progress, on_result).run(units)

@@ -23,6 +23,8 @@ import ray
 from ..errors import NyxrayError
 from . import heap
 from .actor_pool import POOL
+from .cpu_capability import ENV as CAPABILITY_ENV
+from .cpu_capability import check as check_capability
 from .devices import resolve_device
 from .progress import Progress
 from .runtime import MATH_THREADS, fix_math_threads, settle_worker_process
@@ -54,16 +56,19 @@ class MergeActor:
         self._moved = [0, 0]
         settle_worker_process()  # this process only runs units
 
-    def ready(self, math: bool) -> tuple[str, str]:
+    def ready(self, math: bool, pinned: str | None = None) -> tuple[str, str]:
         """(node id, device): the driver hands units only to actors that answered this.
 
-        An actor that will compute loads torch here (about a second on a CPU) and fixes its math
-        threads, so that start-up is over before its first unit; copy-only merges never load it.
+        An actor that will compute loads torch here (about a second on a CPU), checks that it runs
+        the ``pinned`` CPU kernel set and fixes its math threads, so that start-up is over before
+        its first unit; copy-only merges never load it.
         """
         if self.device.startswith("cuda") and not _cuda_available():
             ip = ray.util.get_node_ip_address()
             raise NyxrayError(f"device {self.device!r}: no CUDA device is visible to the merge actor on node {ip} (use --device cpu, or a cluster with GPUs)")
         if math:
+            if pinned:
+                check_capability(pinned, f"the merge actor on node {ray.util.get_node_ip_address()}")
             fix_math_threads()
         return self.node_id, self.device
 
@@ -100,8 +105,9 @@ def _actor_count(device: str, actors: int | None, actor_cpus: float, actor_gpus:
     return max(1, actors), actor_cpus, per_gpu
 
 
-def _actor_kind(device: str, cpus: float, gpus: float) -> tuple[tuple, Callable[[int], Any]]:
-    """The shape of the merge actors (what makes them interchangeable) and how to start one."""
+def _actor_kind(device: str, cpus: float, gpus: float, pinned: str | None) -> tuple[tuple, Callable[[int], Any]]:
+    """The shape of the merge actors (what makes them interchangeable) and how to start one.
+    torch reads its CPU kernel set when imported, so ``pinned`` goes in the process environment."""
     if device == "auto":
         dev = "cuda" if gpus > 0 else "cpu"
     elif device.startswith("cuda") and gpus > 0:
@@ -115,12 +121,12 @@ def _actor_kind(device: str, cpus: float, gpus: float) -> tuple[tuple, Callable[
         max_task_retries=0,  # the scheduler decides what to retry
         max_concurrency=2,  # run() and poll() at once
         scheduling_strategy="SPREAD",
-        runtime_env={"env_vars": heap.ARENA_ENV},  # merged with the job's own runtime_env by Ray
+        runtime_env={"env_vars": {**heap.ARENA_ENV, **({CAPABILITY_ENV: pinned} if pinned else {})}},  # merged with the job's own by Ray
     )
-    return (cpus, gpus, dev, MATH_THREADS), lambda i: cls.remote(dev)
+    return (cpus, gpus, dev, MATH_THREADS, pinned), lambda i: cls.remote(dev)
 
 
-def warm_up(device: str, address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float | None, math: bool) -> list[Any]:
+def warm_up(device: str, address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float | None, math: bool, pinned: str | None) -> list[Any]:
     """Start the merge actors now, before the plan exists, so that their start-up (a worker process,
     torch's import when ``math``, an autoscaler's new nodes) overlaps the driver's header reads.
 
@@ -130,10 +136,10 @@ def warm_up(device: str, address: str | None, actors: int | None, actor_cpus: fl
     """
     connect(address)
     n, cpus, gpus = _actor_count(device, actors, actor_cpus, actor_gpus)
-    shape, create = _actor_kind(device, cpus, gpus)
+    shape, create = _actor_kind(device, cpus, gpus, pinned)
     handles = POOL.take(shape, min(n, max(WARM_MAX, POOL.waiting(shape))), create)  # kept actors are never stopped here
     for h in handles:
-        h.ready.remote(math)  # not awaited: the merge's own ready() call finds the work done
+        h.ready.remote(math, pinned)  # not awaited: the merge's own ready() call finds the work done
     POOL.keep(shape, handles, WARM_IDLE_S)
     return handles
 
@@ -153,8 +159,10 @@ def execute(
     actor_cpus: float = 1.0,
     actor_gpus: float | None = None,
     keep_actors: float = 0.0,
+    cpu_capability: str | None = None,
 ) -> list[dict]:
-    """Run the units on Ray actors; returns per-actor summaries for the report.
+    """Run the units on Ray actors, computing with the ``cpu_capability`` kernel set; returns
+    per-actor summaries for the report.
 
     If no actor can run at all for ``NYXRAY_ACTOR_START_TIMEOUT`` seconds (default 600: time for an
     autoscaler), the run fails. Actors kept by an earlier merge of this process are reused; with
@@ -162,7 +170,7 @@ def execute(
     stopped when it ends.
     """
     connect(address)
-    pool = ActorPool(units, device, actors, actor_cpus, actor_gpus, keep_actors)
+    pool = ActorPool(units, device, actors, actor_cpus, actor_gpus, keep_actors, cpu_capability)
     start_timeout = float(os.environ.get("NYXRAY_ACTOR_START_TIMEOUT", "600"))
     return Scheduler(pool, progress, on_result, start_timeout).run(units)
 
@@ -170,12 +178,13 @@ def execute(
 class ActorPool:
     """Merge actors as the scheduler's workers: started (or taken from the kept ones) at creation."""
 
-    def __init__(self, units: list[Unit], device: str, actors: int | None, actor_cpus: float, actor_gpus: float | None, keep_actors: float):
+    def __init__(self, units: list[Unit], device: str, actors: int | None, actor_cpus: float, actor_gpus: float | None, keep_actors: float, pinned: str | None):
         n, self.cpus, self.gpus = _actor_count(device, actors, actor_cpus, actor_gpus)
         self.size = min(n, max(1, len(units)))
         self.keep_actors = keep_actors
         self.math = any(u.needs_math for u in units)
-        self.shape, create = _actor_kind(device, self.cpus, self.gpus)
+        self.pinned = pinned
+        self.shape, create = _actor_kind(device, self.cpus, self.gpus, pinned)
         self.handles = POOL.take(self.shape, self.size, create)
 
     def start(self, worker: int) -> Future:
@@ -186,7 +195,7 @@ class ActorPool:
                 return WorkerLost(type(e).__name__)  # its node went away: it restarts elsewhere
             return _cause(e)
 
-        return _future(self.handles[worker].ready.remote(self.math), lost_or_failed)
+        return _future(self.handles[worker].ready.remote(self.math, self.pinned), lost_or_failed)
 
     def run(self, worker: int, work: Unit, on_progress: Callable[[int, int], None]) -> Future:
         """``on_progress`` is not called from here: actors report through :meth:`poll`."""

@@ -59,6 +59,7 @@ class Claim:
     files: list[str]  # what the location held
     plan_id: str
     verified: dict[str, dict] = field(default_factory=dict)  # records whose bytes claim checked: nothing to redo
+    cpu_capability: str | None = None  # the CPU kernel set the output's shards were (or will be) computed with
 
 
 def _json(loc: Location, name: str) -> Any:
@@ -85,7 +86,7 @@ def inspect(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
     if MANIFEST in files:
         manifest = _json(out, MANIFEST) or {}
         if manifest.get("plan_id") == pid:
-            return Claim(True, {s["name"]: s for s in manifest.get("shards", [])}, files, pid)
+            return Claim(True, {s["name"]: s for s in manifest.get("shards", [])}, files, pid, cpu_capability=manifest.get("cpu_capability"))
         if not overwrite:
             raise OutputError(
                 f"{out.display} already holds a complete model from a different recipe or plan; pass --overwrite to replace it, or choose another output"
@@ -101,12 +102,14 @@ def inspect(out: Location, stage: StagePlan, overwrite: bool) -> Claim:
         raise OutputError(f"{out.display} is not empty ({shown}) and was not written by nyxray; pass --overwrite to write into it anyway")
     records = {}
     state = _state(out) if STATE_DIR in files else None
+    begun_with = None
     if state and state.get("plan_id") == pid:
+        begun_with = state.get("cpu_capability")
         for name in out.listdir(f"{STATE_DIR}/shards"):
             rec = _json(out, f"{STATE_DIR}/shards/{name}")
             if rec:
                 records[rec["name"]] = rec
-    return Claim(False, records, files, pid)
+    return Claim(False, records, files, pid, cpu_capability=begun_with)
 
 
 def claim(out: Location, stage: StagePlan, c: Claim, overwrite: bool) -> None:
@@ -140,7 +143,8 @@ def claim(out: Location, stage: StagePlan, c: Claim, overwrite: bool) -> None:
 
 def _write_state(out: Location, stage: StagePlan, c: Claim) -> None:
     """Record which plan owns the unfinished output (a re-run of another plan is refused)."""
-    out.write_atomic(STATE, json.dumps({"plan_id": c.plan_id, "nyxray_version": __version__, "recipe_sha256": stage.recipe.sha256}).encode())
+    state = {"plan_id": c.plan_id, "nyxray_version": __version__, "recipe_sha256": stage.recipe.sha256, "cpu_capability": c.cpu_capability}
+    out.write_atomic(STATE, json.dumps(state).encode())
 
 
 def _damaged_shards(out: Location, records: dict[str, dict]) -> set[str]:
@@ -207,8 +211,17 @@ def model_card(stage: StagePlan, out_name: str, pipeline_text: str) -> str:
     return "\n".join(lines)
 
 
-def finalize(out: Location, stage: StagePlan, shards: dict[str, dict], pipeline_text: str, copy_tokenizer: bool = True, write_model_card: bool = True) -> dict:
-    """Write config, tokenizer, card and index, then the manifest (the commit marker)."""
+def finalize(
+    out: Location,
+    stage: StagePlan,
+    shards: dict[str, dict],
+    pipeline_text: str,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
+    cpu_capability: str | None = None,
+) -> dict:
+    """Write config, tokenizer, card and index, then the manifest (the commit marker), which
+    records the CPU kernel set the shards were computed with (None: copies only)."""
     out.write_atomic("config.json", (json.dumps(stage.config, indent=2) + "\n").encode())
     copied = []
     src = stage.tokenizer_from
@@ -230,6 +243,7 @@ def finalize(out: Location, stage: StagePlan, shards: dict[str, dict], pipeline_
         "nyxray_version": __version__,
         "plan_id": plan_id(stage),
         "recipe_sha256": stage.recipe.sha256,
+        "cpu_capability": cpu_capability,
         "shards": [dict(shards[s.name], name=s.name) for s in stage.shards],
         "files": sorted(
             ["config.json", *copied] + (["README.md", "mergekit_config.yml"] if write_model_card else []) + ([INDEX] if len(stage.shards) > 1 else [])

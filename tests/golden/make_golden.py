@@ -170,6 +170,15 @@ def dense_sumsq(out_dir: str, dense_dir: str) -> dict[str, float]:
     return sumsq_distance(load_model_tensors(out_dir), load_model_tensors(dense_dir))
 
 
+def sampled_departures(case: C.Case, out_dir: str, model_dirs: dict[str, str]) -> dict[str, dict[str, float]]:
+    """For a method that samples only its big tensors: how far each of those moved from the base."""
+    from tests.golden.stats import departures, load_model_tensors
+
+    got = load_model_tensors(out_dir)
+    big = sorted(n for n, t in got.items() if t.numel() > case.exact_up_to)
+    return departures(got, load_model_tensors(model_dirs[C.BASE]), big)
+
+
 def _is_leaf(v) -> bool:
     if isinstance(v, list):
         return all(not isinstance(e, (list, dict)) for e in v)
@@ -202,20 +211,31 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=GOLDEN_PATH, help="where to write golden.json")
     ap.add_argument("--keep", default=None, help="build in this directory and keep it (default: a temp dir, removed)")
     ap.add_argument("--cases", nargs="*", default=None, help="only these cases (plus their dependencies)")
+    ap.add_argument(
+        "--cpu-capability",
+        default="avx2",
+        choices=["avx512", "avx2", "default"],
+        help="torch's CPU kernels for mergekit (ATEN_CPU_CAPABILITY): the golden bytes hold under this capability only (default: avx2)",
+    )
     args = ap.parse_args(argv)
 
     mk_yaml = os.path.join(args.mergekit_bin, "mergekit-yaml")
     mk_python = os.path.join(args.mergekit_bin, "python")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false", ATEN_CPU_CAPABILITY=args.cpu_capability)
     version = subprocess.run(
         [
             mk_python,
             "-c",
-            "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'), m.version('transformers'), m.version('safetensors'))",
+            "import importlib.metadata as m, torch; print(m.version('mergekit'), m.version('torch'), m.version('transformers'), m.version('safetensors'),"
+            " torch.backends.cpu.get_cpu_capability())",
         ],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     ).stdout.split()
+    if version[4] != args.cpu_capability.upper():  # torch falls back to what the CPU has
+        raise SystemExit(f"mergekit's torch runs {version[4]} kernels, not {args.cpu_capability}: this CPU cannot make that golden file")
 
     work = os.path.abspath(args.keep) if args.keep else tempfile.mkdtemp(prefix="nyxray-golden-")
     os.makedirs(work, exist_ok=True)
@@ -243,7 +263,6 @@ def main(argv=None) -> int:
     model_dirs = C.build_inputs(in_root, names)
     print(f"built {len(model_dirs)} inputs in {time.time() - t0:.1f}s", flush=True)
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
     prefix = _no_aslr_prefix()
     case_dirs: dict[str, str] = {}
     golden_cases = {}
@@ -285,6 +304,8 @@ def main(argv=None) -> int:
             copied[fname] = os.path.exists(src) and sha256_file(src) == data["files"][fname]["sha256"]
         if case.dense:
             data["dense_sumsq"] = dense_sumsq(out_dir, case_dirs[case.dense])
+        if case.exact_up_to:
+            data["sampled_departures"] = sampled_departures(case, out_dir, model_dirs)
         golden_cases[case.name] = {
             "description": case.description,
             "recipe": case.recipe,
@@ -310,6 +331,7 @@ def main(argv=None) -> int:
         "transformers": version[2],
         "safetensors": version[3],
         "device": "cpu",
+        "cpu_capability": version[4],
         "shape": C.SHAPE.__dict__,
         "input_shard_bytes": C.INPUT_SHARD_BYTES,
         "cases": golden_cases,

@@ -23,3 +23,14 @@ def load_model_tensors(out_dir: str) -> dict[str, torch.Tensor]:
 def sumsq_distance(got: dict[str, torch.Tensor], dense: dict[str, torch.Tensor]) -> dict[str, float]:
     """Per tensor, sum((got - dense)**2) in float64."""
     return {name: float(((t.double() - dense[name].double()) ** 2).sum()) for name, t in sorted(got.items())}
+
+
+def departures(got: dict[str, torch.Tensor], base: dict[str, torch.Tensor], names: list[str]) -> dict[str, dict[str, float]]:
+    """Per tensor of ``names``, how far a merge moved from its base: the fraction of elements that
+    differ from the base, and the float64 sum of squared differences (arcee_fusion's sampled quartiles
+    pick which elements move, so these are what can be compared when the bits cannot)."""
+    out = {}
+    for name in names:
+        d = got[name].double() - base[name].double()
+        out[name] = {"moved": float((d != 0).double().mean()), "sumsq": float((d**2).sum())}
+    return out
