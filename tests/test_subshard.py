@@ -1,4 +1,4 @@
-"""Sub-shard work units (nyxray/parts.py, nyxray/assemble.py): a shard larger than the unit size is
+"""Sub-shard work units (nyxray/output/parts.py, nyxray/output/assemble.py): a shard larger than the unit size is
 computed as parts by several workers and assembled into the same bytes as an unsplit run, locally
 (pwrite into a preallocated file, renamed at the end), on S3 (parts of one multipart upload of at
 least 5 MiB) and on Ray; a resume redoes only the missing parts; a failed S3 run leaves no upload."""
