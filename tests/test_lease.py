@@ -5,6 +5,7 @@ process of this machine) is taken over; a run that lost its lease does not commi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import s3fs
 
 import nyxray
 from nyxray.errors import OutputError
+from nyxray.io.backends import conditional
 from nyxray.io.location import location
 from nyxray.output import lease as lease_mod
 from nyxray.output.lease import LEASE, hold
@@ -92,11 +94,20 @@ def test_second_local_merge_stops_at_once_naming_output_and_holder(nyxene_source
 def test_second_s3_merge_stops_at_once(s3_server, s3_src, s3_bucket):
     opts = s3_server.storage_options
     out = f"s3://{s3_bucket}/out"
+
+    def objects() -> list[str]:
+        """The key of every object under the output, listed by the server (no client-side cache)."""
+        listing = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="out/")
+        assert not listing.get("IsTruncated")
+        return sorted(o["Key"] for o in listing.get("Contents", []))
+
     with hold([location(out, opts)]) as held:
         with pytest.raises(OutputError, match=rf"{out} is being written by another nyxray run \({held.leases[0].holder}"):
             nyxray.merge(STAGE1A, out, models_root=s3_src, storage_options=opts, executor="local", device="cpu", out_shard_size=SHARD, progress=False)
+        assert objects() == [f"out/{LEASE}"]  # the refused run wrote nothing beside the holder's lease
+        assert s3_server.list_pending_uploads(s3_bucket) == []  # nor began an upload
+    assert objects() == []  # the lease released, nothing else written
     fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
-    assert fs.ls(f"{s3_bucket}/out") if fs.exists(f"{s3_bucket}/out") else [] == []  # lease released, nothing else written
     nyxray.merge(STAGE1A, out, models_root=s3_src, storage_options=opts, executor="local", device="cpu", out_shard_size=SHARD, progress=False)
     assert nyxray.verify(out, opts) == []
     assert not fs.exists(f"{s3_bucket}/out/{LEASE}")
@@ -118,24 +129,30 @@ def race(loc, n: int = 8) -> list[str]:
             results.append("won")
         except OutputError as e:
             results.append(str(e))
+        except Exception as e:  # noqa: BLE001 - counted as neither a win nor a refusal
+            results.append(f"error {e!r}")
 
-    threads = [threading.Thread(target=take) for _ in range(n)]
+    threads = [threading.Thread(target=take, daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
+    assert not any(t.is_alive() for t in threads), f"a taker hung: {results}"
+    assert len(results) == n, f"only {len(results)} of {n} takers reported: {results}"
     return results
 
 
 def test_concurrent_takers_exactly_one_wins_locally(tmp_path):
     results = race(location(str(tmp_path / "out")))
     assert results.count("won") == 1, results
-    assert all("being written by another nyxray run" in r for r in results if r != "won")
+    assert all("being written by another nyxray run" in r for r in results if r != "won"), results
 
 
 def test_concurrent_takers_exactly_one_wins_on_s3(s3_server, s3_bucket):
-    results = race(location(f"s3://{s3_bucket}/out", s3_server.storage_options))
-    assert results.count("won") == 1, results
+    for i in range(2):
+        results = race(location(f"s3://{s3_bucket}/out{i}", s3_server.storage_options))
+        assert results.count("won") == 1, (i, results)
+        assert all("being written by another nyxray run" in r for r in results if r != "won"), (i, results)
 
 
 def test_concurrent_takeover_of_a_stale_lease_exactly_one_wins(tmp_path, s3_server, s3_bucket):
@@ -146,6 +163,143 @@ def test_concurrent_takeover_of_a_stale_lease_exactly_one_wins(tmp_path, s3_serv
         loc.write_atomic(LEASE, foreign_lease(expires_in=-1))
         results = race(loc)
         assert results.count("won") == 1, (loc.display, results)
+        assert all("being written by another nyxray run" in r for r in results if r != "won"), (loc.display, results)
+
+
+# A taker in a process of its own. For each line ``URL START`` on stdin it sleeps until the wall-clock
+# time START (every taker is told the same one: a barrier across processes), tries to take URL's
+# lease and prints one JSON line: {"url", "holder", and "won": true | "refused": message | "error"}.
+# A winner keeps its lease (unrenewed, TTL 60 s) while its process lives: the parent closes stdin
+# only after every taker has reported, so a won lease never belongs to a dead process mid-round.
+TAKER = """
+import json, sys, time
+from nyxray.errors import OutputError
+from nyxray.io.backends import conditional
+from nyxray.io.location import location
+from nyxray.output import lease as lease_mod
+
+opts = json.loads(sys.argv[1])
+held = []
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    url, start = line.split()
+    lease = lease_mod.Lease(location(url, opts), ttl=60)
+    time.sleep(max(0.0, float(start) - time.time()))
+    out = {"url": url, "holder": lease.holder}
+    try:
+        lease.acquire()
+        out["won"] = True
+        held.append(lease)
+    except OutputError as e:
+        out["refused"] = str(e)
+    except Exception as e:
+        out["error"] = repr(e)
+    print(json.dumps(out), flush=True)
+"""
+
+
+class Takers:
+    """``n`` taker processes (:data:`TAKER`), each answering on its stdout, read by a thread."""
+
+    def __init__(self, n: int, opts: dict | None = None):
+        import queue
+
+        self.answers: queue.Queue = queue.Queue()
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", TAKER, json.dumps(opts or {})],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=REPO,
+                start_new_session=True,
+            )
+            for _ in range(n)
+        ]
+        self.readers = [threading.Thread(target=self._read, args=(i, p), daemon=True) for i, p in enumerate(self.procs)]
+        for t in self.readers:
+            t.start()
+        ready = self._collect(set(range(n)), timeout=60)
+        assert all(a.get("ready") for a in ready.values()), ready
+
+    def _read(self, i: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.answers.put((i, line))
+
+    def _collect(self, expected: set[int], timeout: float) -> dict[int, dict]:
+        """One answer from each taker in ``expected``, waiting at most ``timeout`` seconds in all."""
+        import queue
+
+        got: dict[int, dict] = {}
+        deadline = time.monotonic() + timeout
+        while set(got) != expected:
+            try:
+                i, line = self.answers.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            assert i not in got, f"taker {i} answered twice: {got[i]} then {line!r}"
+            got[i] = json.loads(line)
+        silent = sorted(expected - set(got))
+        assert not silent, f"takers {silent} did not report within {timeout} s (exit codes {[self.procs[i].poll() for i in silent]}); the others: {got}"
+        return got
+
+    def round(self, url: str) -> dict[int, dict]:
+        """Every taker tries to take ``url``'s lease at the same moment: each one's answer."""
+        start = time.time() + 0.3
+        for p in self.procs:
+            p.stdin.write(f"{url} {start}\n")
+            p.stdin.flush()
+        return self._collect(set(range(len(self.procs))), timeout=60)
+
+    def close(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(OSError):
+                p.stdin.close()
+        for p in self.procs:
+            try:
+                assert p.wait(timeout=30) == 0, f"a taker exited with {p.returncode}"
+            finally:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+
+
+def check_round(loc, answers: dict[int, dict]) -> None:
+    """Exactly one winner; every other taker refused, naming the output and that winner; the lease
+    on storage is the winner's."""
+    won = [a for a in answers.values() if a.get("won")]
+    assert len(won) == 1, (loc.display, answers)
+    winner = won[0]["holder"]
+    for a in answers.values():
+        if a is not won[0]:
+            assert "refused" in a, (loc.display, a)
+            assert f"{loc.display} is being written by another nyxray run ({winner};" in a["refused"], (loc.display, winner, a)
+    current = conditional.read(loc, LEASE)
+    assert current is not None and json.loads(current[0])["holder"] == winner, (loc.display, current)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_processes_racing_for_one_lease_exactly_one_wins_every_round(where, tmp_path, request):
+    """Several OS processes take the same output's lease at once, round after round (a fresh output,
+    then one whose lease expired): each round has exactly one winner and every other taker reports
+    a refusal naming it; none is silent."""
+    if where == "s3":
+        s3_server = request.getfixturevalue("s3_server")
+        bucket, opts, rounds = request.getfixturevalue("s3_bucket"), s3_server.storage_options, 4
+        base = f"s3://{bucket}"
+    else:
+        opts, rounds, base = {}, 10, str(tmp_path)
+    takers = Takers(6, opts)
+    try:
+        for r in range(rounds):
+            url = f"{base}/out{r}"
+            loc = location(url, opts)
+            if r % 2:  # an expired lease of a foreign run, to be taken over
+                loc.makedirs()
+                loc.write_atomic(LEASE, foreign_lease(expires_in=-1))
+            check_round(loc, takers.round(url))
+    finally:
+        takers.close()
 
 
 # -- stale leases -------------------------------------------------------------------------------------

@@ -526,12 +526,13 @@ def test_kept_actors_run_the_next_merge_and_are_stopped(ray_cluster, nyxene_sour
     _wait_dead(kept)  # stopped before the new actor was asked for: no CPUs held hostage
 
 
-def _watch_plan(monkeypatch, seen: set[str]) -> dict[str, set[str]]:
+def _watch_plan(monkeypatch, seen: set[str], expected: int) -> dict[str, set[str]]:
     """Make ``api.plan`` note (under ``"actors"``) the merge actors alive, beyond ``seen``, when it starts.
 
-    Ray registers an actor with the GCS a little after ``.remote()`` returns, so the count is taken
-    once it has stayed the same for a second: no actor can be asked for meanwhile (the merge waits
-    for its plan), only those asked for before may still appear."""
+    Ray registers an actor with the GCS a little after ``.remote()`` returns, and no actor can be
+    asked for while the merge waits for its plan: so the watch waits (up to 60 s) until the
+    ``expected`` actors asked for before the plan have registered, then looks for a second more
+    for any extra one. A slow registration costs time, never a wrong count."""
     during_plan: dict[str, set[str]] = {}
     real_plan = api.plan
 
@@ -539,12 +540,15 @@ def _watch_plan(monkeypatch, seen: set[str]) -> dict[str, set[str]]:
         def alive() -> set[str]:
             return {a for a, s in _merge_actor_states().items() if a not in seen and s != "DEAD"}
 
-        found, stable_since, deadline = alive(), time.monotonic(), time.monotonic() + 15
-        while time.monotonic() - stable_since < 1.0 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        found = alive()
+        while len(found) < expected and time.monotonic() < deadline:
             time.sleep(0.1)
-            now = alive()
-            if now != found:
-                found, stable_since = now, time.monotonic()
+            found = alive()
+        extra_until = time.monotonic() + 1.0  # only an extra actor (a bug) can still appear
+        while time.monotonic() < extra_until and len(found) == expected:
+            time.sleep(0.1)
+            found = alive()
         during_plan["actors"] = found
         return real_plan(*args, **kwargs)
 
@@ -573,7 +577,7 @@ def test_actors_start_while_the_driver_plans(ray_cluster, nyxene_sources, local_
     overlaps the header reads) and the merge then runs on exactly those; a plan that fails stops them."""
     expected, _ = local_baseline
     seen = set(_merge_actor_states())
-    during_plan = _watch_plan(monkeypatch, seen)
+    during_plan = _watch_plan(monkeypatch, seen, 2)
     out = str(tmp_path / "out")
     report = bounded(lambda: merge(out, nyxene_sources, actors=2))
     assert files_of(out) == expected
@@ -609,7 +613,7 @@ def test_warm_up_is_capped_and_the_merge_starts_the_rest(ray_cluster, nyxene_sou
     expected, _ = local_baseline
     monkeypatch.setattr(ray_exec, "WARM_MAX", 1)
     seen = set(_merge_actor_states())
-    during_plan = _watch_plan(monkeypatch, seen)
+    during_plan = _watch_plan(monkeypatch, seen, 1)
     out = str(tmp_path / "out")
     report = bounded(lambda: merge(out, nyxene_sources, actors=2))
     assert files_of(out) == expected

@@ -11,7 +11,11 @@ Four rules, as mergekit 0.1.5 applies them inside the task arithmetic family:
 
 The deterministic rules repeat mergekit's torch operations in order and dtype, so their bits equal
 mergekit's on the CPU. That includes its unstable sort: equal magnitudes are frequent in bf16, and
-which of them survive is whatever ``torch.sort`` leaves at the cut, so the sort call stays as it is.
+which of them survive is whatever ``torch.sort`` leaves at the cut. On the CPU that sort is the C++
+standard library's introsort over (value, index) pairs; :func:`_sorted_prefix` replays only the
+partitions that contain the cut (a quickselect with the very same pivots and swaps), so it picks the
+same entries in O(n) instead of sorting all of them. It is used only where it is provably the same
+(CPU, no NaN, this torch build checked once against its own sort); otherwise the sort runs as before.
 
 The random rules draw uniform numbers from the given CPU generator and keep an entry when its draw
 is below its probability (same distribution as ``torch.bernoulli``). They run entirely on the CPU
@@ -25,6 +29,7 @@ Whole-tensor sums (the rescale) split across torch threads: their bits are merge
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 METHODS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
@@ -83,7 +88,13 @@ def _masked(x: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
 def _largest(x: torch.Tensor, density: float) -> torch.Tensor:
     """Keep mask of the ``int(density * n)`` (at least one) largest |x|."""
     k = max(1, int(density * x.numel()))
-    order = torch.argsort(x.abs().reshape(-1).float(), descending=True)
+    w = x.abs().reshape(-1).float()
+    if _replay_allowed(w):
+        keep = _sorted_prefix(w.numpy(), k, descending=True, consume=True)
+        if keep is not None:
+            return torch.from_numpy(keep).reshape(x.shape)
+        w = x.abs().reshape(-1).float()  # the replay permuted it
+    order = torch.argsort(w, descending=True)
     keep = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
     keep[order[:k]] = True
     return keep.reshape(x.shape)
@@ -98,10 +109,136 @@ def _middle(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     n = x.numel()
     kept = int(density * n)
     below = max(0, n - kept - int(gamma * n))
-    order = torch.sort(x.abs().reshape(-1).float()).indices
+    w = x.abs().reshape(-1).float()
+    if _replay_allowed(w):
+        upto = _sorted_prefix(w.numpy(), below + kept)
+        under = _sorted_prefix(w.numpy(), below, consume=True) if upto is not None else None
+        if under is not None:
+            return torch.from_numpy(upto & ~under).reshape(x.shape)
+        w = x.abs().reshape(-1).float()
+    order = torch.sort(w).indices
     keep = torch.zeros(n, dtype=torch.bool, device=x.device)
     keep[order[below : below + kept]] = True
     return keep.reshape(x.shape)
+
+
+_LEAF = 16  # introsort leaves runs of at most this many to its final (stable) insertion sort
+_replay_checked: bool | None = None  # whether this torch build's CPU sort is the one replayed
+
+
+def _replay_allowed(w: torch.Tensor) -> bool:
+    """Whether :func:`_sorted_prefix` gives exactly ``torch.sort``'s cut for the float32 keys ``w``:
+    a CPU tensor without NaN (NaN orders apart), on a torch build whose sort passed the self-check."""
+    global _replay_checked
+    if w.device.type != "cpu" or w.numel() == 0 or bool(w.max().isnan()):  # max propagates NaN
+        return False
+    if _replay_checked is None:
+        _replay_checked = _self_check()
+    return _replay_checked
+
+
+def _self_check() -> bool:
+    """Compare the replay with this torch build's own sort on tensors full of ties, both directions.
+
+    A build whose CPU sort is another algorithm (e.g. a vectorised quicksort for float32) orders
+    ties differently: then every selection falls back to the sort itself.
+    """
+    g = torch.Generator().manual_seed(20261204)
+    for n, levels in ((2000, 7), (70001, 300)):
+        w = torch.randint(0, levels, (n,), generator=g).float()
+        for k in (1, n // 3, n // 2 + 1, n - 1):
+            for descending in (False, True):
+                order = torch.sort(w, descending=descending).indices[:k]
+                expected = np.zeros(n, dtype=bool)
+                expected[order.numpy()] = True
+                got = _sorted_prefix(w.numpy(), k, descending)
+                if got is None or not np.array_equal(got, expected):
+                    return False
+    return True
+
+
+def _sorted_prefix(keys: np.ndarray, k: int, descending: bool = False, *, consume: bool = False) -> np.ndarray | None:
+    """Mask of the entries that an unstable ``torch.sort`` (``descending`` or not) of the 1-D float32
+    ``keys`` (no NaN) on the CPU puts at positions ``[0, k)``; None where the replay cannot follow.
+    ``consume``: permute ``keys`` itself instead of a copy.
+
+    That sort is introsort on (key, index) pairs: while a range holds more than 16 entries, take the
+    median of its second, middle and last entries into its first place, partition the rest around it
+    (scan from the left for an entry not before the pivot, from the right for one not after it, swap,
+    repeat until the scans cross), then sort the part right of the cut and loop on the left one; after
+    2*floor(log2 n) levels a range is heap-sorted instead (None here). A final insertion sort, stable,
+    orders each remaining run of at most 16. Entries never cross a cut, so only the range holding
+    position ``k`` matters: this replays its partitions exactly and leaves the others alone. The scans
+    are vectorised: the j-th left stop swaps with the j-th right stop while the former lies left of
+    the latter.
+    """
+    n = keys.shape[0]
+    keep = np.zeros(n, dtype=bool)
+    if k <= 0:
+        return keep
+    if k >= n:
+        keep[:] = True
+        return keep
+    vals = keys if consume else keys.copy()
+    idx = np.arange(n, dtype=np.int64 if n >= 2**31 else np.int32)
+    whole = idx  # the full arrangement; ``vals``/``idx`` are views of the range holding position k
+    before = np.greater if descending else np.less  # the sort's comparison
+    stop_left = np.less_equal if descending else np.greater_equal  # not before the pivot
+    stop_right = np.greater_equal if descending else np.less_equal  # not after the pivot
+    start, rel, depth = 0, k, 2 * (n.bit_length() - 1)
+    while True:
+        m = vals.shape[0]
+        if rel == m:  # the cut falls between two ranges
+            keep[whole[: start + m]] = True
+            return keep
+        if m <= _LEAF:
+            keep[whole[:start]] = True
+            keep[idx[np.argsort(-vals if descending else vals, kind="stable")[:rel]]] = True
+            return keep
+        if depth == 0:
+            return None
+        depth -= 1
+        mid = m // 2
+        a, b, c = vals[1], vals[mid], vals[m - 1]
+        if before(a, b):
+            pick = mid if before(b, c) else (m - 1 if before(a, c) else 1)
+        elif before(a, c):
+            pick = 1
+        else:
+            pick = m - 1 if before(b, c) else mid
+        vals[0], vals[pick] = vals[pick], vals[0]
+        idx[0], idx[pick] = idx[pick], idx[0]
+        pivot = vals[0]
+        body, body_idx = vals[1:], idx[1:]  # positions below are counted from 1
+        left = np.flatnonzero(stop_left(body, pivot))  # where the left scan stops, in order
+        right = np.flatnonzero(stop_right(body, pivot))[::-1]  # where the right scan stops, in order
+        # the stops pair up while the left one lies before the right one (left rises, right falls)
+        lo, hi = 0, min(left.shape[0], right.shape[0])
+        while lo < hi:
+            j = (lo + hi) // 2
+            if left[j] < right[j]:
+                lo = j + 1
+            else:
+                hi = j
+        swaps = lo
+        # the left scan ends on its next stop, or on the last right stop (now holding a left entry)
+        cut = int(left[swaps]) if swaps < left.shape[0] else m
+        if swaps:
+            cut = min(cut, int(right[swaps - 1]))
+        cut += 1
+        ls, rs = left[:swaps], right[:swaps]
+        del left, right
+        moved = body_idx[ls]
+        body_idx[ls] = body_idx[rs]
+        body_idx[rs] = moved
+        if rel <= cut:
+            body[ls] = body[rs]  # the right part is never looked at again: only the left one is swapped
+            vals, idx = vals[:cut], idx[:cut]
+        else:
+            body[rs] = body[ls]
+            vals, idx = vals[cut:], idx[cut:]
+            start += cut
+            rel -= cut
 
 
 def _della_probabilities(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
