@@ -558,16 +558,19 @@ def _watch_plan(monkeypatch, seen: set[str], expected: int) -> dict[str, set[str
 
 def test_merge_actors_allocate_from_one_malloc_arena(ray_cluster):
     """Actors are started with MALLOC_ARENA_MAX=1 (nyxray.execute.heap: a thread's own arena maps
-    and unmaps every big buffer, faulting it in afresh), whatever the job's environment."""
+    and unmaps every big buffer, faulting it in afresh), whatever the job's environment, and with
+    the merge's CPU kernel set for torch to read when it loads (nyxray.execute.cpu_capability)."""
     from nyxray.execute import ray_exec
 
-    _, create = ray_exec._actor_kind("cpu", 0.5, 0)
+    _, create = ray_exec._actor_kind("cpu", 0.5, 0, "default")
     actor = create(0)
     try:
         ray.get(actor.ready.remote(False), timeout=MERGE_TIMEOUT)
         pid = _merge_actors()[actor._actor_id.hex()]["Pid"]
         with open(f"/proc/{pid}/environ", "rb") as f:
-            assert b"MALLOC_ARENA_MAX=1" in f.read().split(b"\0")
+            environ = f.read().split(b"\0")
+        assert b"MALLOC_ARENA_MAX=1" in environ
+        assert b"ATEN_CPU_CAPABILITY=default" in environ
     finally:
         ray.kill(actor)
 
