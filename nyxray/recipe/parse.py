@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,9 +194,18 @@ def _optional_ref(node: dict, key: str, path: str, origin: str) -> str | None:
     return _model_ref(node[key], path, origin) if node.get(key) is not None else None
 
 
-def _source(src: Any, method: str, path: str, origin: str) -> Source:
+def _entries(raw: Any, path: str, keys: tuple[str, ...], origin: str) -> Iterator[tuple[str, dict]]:
+    """Each mapping of the non-empty list at ``path`` with its key path, its keys checked. Lazily:
+    an entry is checked only once the one before it is fully parsed, so the first error in the
+    file is the one reported."""
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError(path, "must be a non-empty list", origin)
+    for i, node in enumerate(raw):
+        yield f"{path}[{i}]", _check_keys(node, keys, f"{path}[{i}]", origin)
+
+
+def _source(src: dict, method: str, path: str, origin: str) -> Source:
     """One entry of a slice's ``sources:``."""
-    _check_keys(src, SOURCE_KEYS, path, origin)
     if "model" not in src:
         raise RecipeError(f"{path}.model", "is required", origin)
     if "layer_range" not in src:
@@ -209,28 +219,17 @@ def _source(src: Any, method: str, path: str, origin: str) -> Source:
 
 
 def _slices(raw: Any, method: str, origin: str) -> tuple[Slice, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise RecipeError("slices", "must be a non-empty list", origin)
     out = []
-    for i, s in enumerate(raw):
-        sp = f"slices[{i}]"
-        _check_keys(s, SLICE_KEYS, sp, origin)
-        srcs = s.get("sources")
-        if not isinstance(srcs, list) or not srcs:
-            raise RecipeError(f"{sp}.sources", "must be a non-empty list", origin)
-        sources = tuple(_source(src, method, f"{sp}.sources[{j}]", origin) for j, src in enumerate(srcs))
+    for sp, s in _entries(raw, "slices", SLICE_KEYS, origin):
+        sources = tuple(_source(src, method, p, origin) for p, src in _entries(s.get("sources"), f"{sp}.sources", SOURCE_KEYS, origin))
         sbase = _optional_ref(s, "base_model", f"{sp}.base_model", origin)
         out.append(Slice(sources, sbase, _parameters(s.get("parameters"), method, "slice", f"{sp}.parameters", origin), sp))
     return tuple(out)
 
 
 def _models(raw: Any, method: str, origin: str) -> tuple[Source, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise RecipeError("models", "must be a non-empty list", origin)
     ms = []
-    for j, m in enumerate(raw):
-        p = f"models[{j}]"
-        _check_keys(m, MODEL_KEYS, p, origin)
+    for p, m in _entries(raw, "models", MODEL_KEYS, origin):
         if "model" not in m:
             raise RecipeError(f"{p}.model", "is required", origin)
         ms.append(Source(_model_ref(m["model"], f"{p}.model", origin), None, _parameters(m.get("parameters"), method, "source", f"{p}.parameters", origin), p))
