@@ -23,6 +23,7 @@ from .execute.devices import check_device
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
 from .io.location import Location, location
+from .methods.registry import METHODS
 from .output.assemble import Assemblies
 from .output.commit import Claim, claim, finalize, inspect, record_shard
 from .output.lease import hold
@@ -70,8 +71,9 @@ def check_execution(
 
 def needs_math(recipes: list[Recipe]) -> bool:
     """Whether a merge will compute tensors (rather than copy them), guessed before planning: only a
-    passthrough in the stored dtype copies. A wrong guess costs time, never correctness."""
-    return any(r.merge_method != "passthrough" or r.dtype or r.out_dtype for r in recipes)
+    method that may copy (``copies_unless``), in the stored dtype, copies. A wrong guess costs
+    time, never correctness."""
+    return any(METHODS[r.merge_method].copies_unless is None or r.dtype or r.out_dtype for r in recipes)
 
 
 @contextmanager

@@ -89,24 +89,7 @@ def _tokenizer_files(name: str) -> dict[str, str]:
     }
 
 
-def make_model(
-    path: str,
-    shape: ModelShape = ModelShape(),
-    seed: int = 0,
-    shard_bytes: int = 2_000_000,
-    dtype: torch.dtype = torch.bfloat16,
-    norm_jitter: float = 0.01,
-    like: str | None = None,
-    like_noise: float = 0.0,
-) -> str:
-    """Write a random sharded checkpoint to the local directory ``path`` and return it.
-
-    Norm weights are ``1 + norm_jitter * N(0, 1)`` as in trained models, so SLERP between two such
-    models takes the colinear (lerp) branch for them, and the true SLERP branch for the matrices.
-    With ``like`` (another synthetic model's directory) the weights are that model's plus
-    ``like_noise`` relative noise: nearly colinear pairs for branch-threshold tests.
-    """
-    os.makedirs(path, exist_ok=True)
+def _random_tensors(shape: ModelShape, seed: int, dtype: torch.dtype, norm_jitter: float, like: str | None, like_noise: float) -> dict[str, torch.Tensor]:
     # numpy's generator and float64 arithmetic give the same numbers on every CPU; torch.randn's
     # float32 kernels do not (they differ between AVX2 and CPUs without it), and the golden tests
     # need inputs that are identical on every machine.
@@ -129,7 +112,11 @@ def make_model(
         else:
             t = 0.02 * noise
         tensors[name] = torch.from_numpy(t).to(dtype).contiguous()
+    return tensors
 
+
+def _write_shards(path: str, tensors: dict[str, torch.Tensor], shard_bytes: int) -> None:
+    """Greedy shards of at most ``shard_bytes`` (or one tensor), named and indexed as transformers does."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -149,6 +136,27 @@ def make_model(
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def make_model(
+    path: str,
+    shape: ModelShape = ModelShape(),
+    seed: int = 0,
+    shard_bytes: int = 2_000_000,
+    dtype: torch.dtype = torch.bfloat16,
+    norm_jitter: float = 0.01,
+    like: str | None = None,
+    like_noise: float = 0.0,
+) -> str:
+    """Write a random sharded checkpoint to the local directory ``path`` and return it.
+
+    Norm weights are ``1 + norm_jitter * N(0, 1)`` as in trained models, so SLERP between two such
+    models takes the colinear (lerp) branch for them, and the true SLERP branch for the matrices.
+    With ``like`` (another synthetic model's directory) the weights are that model's plus
+    ``like_noise`` relative noise: nearly colinear pairs for branch-threshold tests.
+    """
+    os.makedirs(path, exist_ok=True)
+    _write_shards(path, _random_tensors(shape, seed, dtype, norm_jitter, like, like_noise), shard_bytes)
     dtype_name = str(dtype).removeprefix("torch.")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_dict(shape, dtype_name), f, indent=2)

@@ -67,6 +67,7 @@ _ALL = (
         "passthrough:merge",
         base="ignored",
         max_inputs=1,
+        copies_unless="scale",
     ),
     Method(
         "slerp",
@@ -77,6 +78,7 @@ _ALL = (
         min_inputs=2,
         max_inputs=2,
         optional_policy="passthrough_singleton",
+        card_names_base=False,
     ),
     Method(
         "linear",
@@ -184,6 +186,8 @@ _ALL = (
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
+if len(METHODS) != len(_ALL):  # a second entry of one name would silently replace the first
+    raise ValueError(f"two methods share a name: {sorted(m.name for m in _ALL if [n.name for n in _ALL].count(m.name) > 1)}")
 
 
 def get(name: str) -> Method | None:

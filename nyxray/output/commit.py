@@ -195,7 +195,7 @@ def model_card(stage: StagePlan, out_name: str, pipeline_text: str) -> str:
     method = METHODS[stage.recipe.merge_method]
     link = f"[{method.pretty}]({method.reference})" if method.reference else method.pretty
     # as mergekit's card: the base is named for every method but SLERP
-    base = f" using {stage.recipe.base_model} as a base" if stage.recipe.base_model and method.name != "slerp" else ""
+    base = f" using {stage.recipe.base_model} as a base" if stage.recipe.base_model and method.card_names_base else ""
     seed = f"\n\nIts random draws were seeded with random_seed {stage.random_seed} (reproducible with nyxray)." if method.random else ""
     lines = [
         f"---\n{front}---\n# {out_name}\n",

@@ -44,11 +44,6 @@ class PlannedTensor:
         return nbytes_of(self.dtype, self.shape)
 
 
-def _slice_base(recipe: Recipe, method: Method, sl: Slice) -> str | None:
-    """The base model of a slice as the method sees it (a slice's own base_model wins)."""
-    return None if method.base == "ignored" else (sl.base_model or recipe.base_model)
-
-
 def _count_problem(method: Method, n: int, has_base: bool) -> str | None:
     """Why ``n`` inputs (with or without the base among them) do not fit the method, or None."""
     checks = [("sources", n, method.min_inputs, method.max_inputs)]
@@ -84,15 +79,13 @@ def check_slices(recipe: Recipe, method: Method, slices: tuple[Slice, ...], mode
             raise RecipeError(f"{sl.path}.sources", f"all sources of a slice must have the same number of layers, got {sorted(lengths)}", o)
         names = [s.model for s in sl.sources]
         twice = sorted({m for m in names if names.count(m) > 1})
-        if twice and method.name != "passthrough":
+        # A one-input method's count error below says more than "appears twice" would.
+        if twice and method.max_inputs != 1:
             raise RecipeError(f"{sl.path}.sources", f"model {twice[0]!r} appears twice among the inputs of one {method.name} merge", o)
-        base = _slice_base(recipe, method, sl)
-        if method.base == "required" and base is None:
-            raise RecipeError("base_model", f"{method.name} needs a base_model (top level or {sl.path}.base_model)", o)
+        # The method's base policy was checked when the recipe was parsed (Method.base_problem).
+        base = method.slice_base(sl.base_model, recipe.base_model)
         if base is not None and base not in names:
             raise RecipeError(f"{sl.path}.sources", f"the base model {base!r} must be one of the slice's sources", o)
-        if method.base == "forbidden" and base is not None:
-            raise RecipeError("base_model", f"{method.name} takes no base_model", o)
         problem = _count_problem(method, len(names), base is not None)
         if problem:
             raise RecipeError(f"{sl.path}.sources", problem, o)
@@ -178,7 +171,7 @@ def present_inputs(st: StageContext, w: Want) -> tuple[list[_Input], bool] | Non
     if not have:
         return None
     m = st.method
-    base = _slice_base(st.recipe, m, w.slice)
+    base = m.slice_base(w.slice.base_model, st.recipe.base_model)
     only_base = len(have) == 1 and have[0][0].model == base
     if m.optional_policy == "base_or_skip" and len(have) < m.min_inputs and not only_base:
         st.warnings.append(f"{st.recipe.origin}: optional tensor {w.out} skipped: {m.name} needs {m.min_inputs} inputs, {len(have)} have it")
@@ -253,27 +246,27 @@ def _one(st: StageContext, p: Param, levels: list, tensor_name: str, pos: float,
 
 def _check_weight_sum(st: StageContext, shared: dict, per_input: dict, shown: list, out: str) -> None:
     """A normalised merge divides by the sum of the weights: a sum of 0 has no meaning."""
-    flag = st.method.divides_by_weight_sum
+    flag, weight = st.method.divides_by_weight_sum, st.method.weight_param
     if flag is None or not shared.get(flag):
         return
-    if abs(sum(per_input["weight"])) < 1e-8:
-        paths = sorted({where for label, _, where in shown if label.startswith("weight[")})
+    if abs(sum(per_input[weight])) < 1e-8:
+        paths = sorted({where for label, _, where in shown if label.startswith(f"{weight}[")})
         raise RecipeError(
-            paths[0] if paths else "parameters.weight",
-            f"the weights of {out} sum to 0 and {st.method.name} normalizes by their sum ({', '.join(paths)}); change a weight or set normalize: false",
+            paths[0] if paths else f"parameters.{weight}",
+            f"the weights of {out} sum to 0 and {st.method.name} normalizes by their sum ({', '.join(paths)}); change a weight or set {flag}: false",
             st.recipe.origin,
         )
 
 
 def plan_tensor(st: StageContext, w: Want, have: list[_Input], copied: bool) -> PlannedTensor:
     m = st.method
-    base_ref = _slice_base(st.recipe, m, w.slice)
+    base_ref = m.slice_base(w.slice.base_model, st.recipe.base_model)
     models_in = [src.model for src, _, _ in have]
     base = models_in.index(base_ref) if base_ref in models_in else None
     # An input copied alone (an optional tensor only one model has) takes no parameters.
     shared, per_input, shown = ({}, {}, []) if copied else _resolve_all(st, w, have, base)
     exprs = [cast(e, st.dtype) for e in _same_shape(st, w, have)]
-    if copied or (m.name == "passthrough" and per_input["scale"][0] is None):
+    if copied or (m.copies_unless is not None and per_input[m.copies_unless] == [None]):
         expr = cast(exprs[0], st.out_dtype)  # the source bytes as they are, or a cast
         return PlannedTensor(w.out, expr, "copy" if expr is have[0][2] else "cast")
     try:

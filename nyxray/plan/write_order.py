@@ -19,52 +19,54 @@ from collections.abc import Sequence
 _LOAD, _GATHER, _MERGE, _SAVE, _WRITER, _FINAL, _ROOT = 1000, 10, 0, -1000, -10000, 0, 0
 
 
-def write_order(inputs: Sequence[Sequence[tuple[str, str]]]) -> list[int]:
-    """Indices of the outputs in write order.
+class _Graph:
+    """mergekit's task graph for a merge: nodes are ints numbered in creation order, as mergekit's
+    ids are, since that numbering (through a set's layout) fixes the discovery order."""
 
-    ``inputs[i]`` are the (model, input tensor name) pairs of output ``i``, in source order, and
-    the outputs are given in planning order: pre-weights, then each slice's layers (each layer's
-    tensors in the architecture's order), then post-weights.
-    """
-    n = len(inputs)
-    if n == 0:
-        return []
-    next_id = 0
+    def __init__(self) -> None:
+        self.deps: dict[int, list[int]] = {}
+        self.label: dict[int, str] = {}
+        self.prio: dict[int, int] = {}
+        self.count = 0
 
-    def new() -> int:
-        nonlocal next_id
-        next_id += 1
-        return next_id - 1
+    def new(self, label: str | None = None, prio: int | None = None, deps: list[int] | None = None) -> int:
+        node = self.count
+        self.count += 1
+        if label is not None and prio is not None:
+            self.label[node], self.prio[node] = label, prio
+        if deps is not None:
+            self.deps[node] = deps
+        return node
 
-    deps: dict[int, list[int]] = {}
-    label: dict[int, str] = {}
-    prio: dict[int, int] = {}
+
+def _build(inputs: Sequence[Sequence[tuple[str, str]]]) -> tuple[_Graph, list[int], int, int]:
+    """The graph of ``inputs``, its save tasks (one per output, in order), the final task, the root."""
+    g = _Graph()
     loads: dict[tuple[str, str], int] = {}
     saves: list[int] = []
     writer = -1
     for i, ins in enumerate(inputs):
-        save = new()
+        save = g.new()
         if i == 0:
-            writer = new()
-            deps[writer], label[writer], prio[writer] = [], "", _WRITER
-        merge, gather = new(), new()
+            writer = g.new("", _WRITER, [])
+        merge, gather = g.new(), g.new()
         mine = []
         for key in ins:
             if key not in loads:
-                loads[key] = new()
-                deps[loads[key]], label[loads[key]], prio[loads[key]] = [], key[1], _LOAD
+                loads[key] = g.new(key[1], _LOAD, [])
             mine.append(loads[key])
         top = max(name for _, name in ins)
-        deps[save], deps[merge], deps[gather] = [writer, merge], [gather], mine
+        g.deps[save], g.deps[merge], g.deps[gather] = [writer, merge], [gather], mine
         for node, p in ((save, _SAVE), (merge, _MERGE), (gather, _GATHER)):
-            label[node], prio[node] = top, p
+            g.label[node], g.prio[node] = top, p
         saves.append(save)
-    final = new()
-    deps[final], label[final], prio[final] = [writer, *saves], "", _FINAL
-    root = new()
-    label[root], prio[root] = "", _ROOT
+    final = g.new("", _FINAL, [writer, *saves])
+    root = g.new("", _ROOT)
+    return g, saves, final, root
 
-    # Discover the graph the way mergekit does: popping a set of ints (CPython's order).
+
+def _discover(g: _Graph, saves: list[int], final: int, root: int) -> list[tuple[int, int]]:
+    """The graph's edges in the order mergekit finds them: popping a set of ints (CPython's order)."""
     todo = set([*saves, final])  # built exactly so: a set's layout (hence pop order) depends on it
     explored: set[int] = set()
     edges: list[tuple[int, int]] = []
@@ -73,11 +75,15 @@ def write_order(inputs: Sequence[Sequence[tuple[str, str]]]) -> list[int]:
         if x in explored:
             continue
         explored.add(x)
-        for d in deps[x]:
+        for d in g.deps[x]:
             todo.add(d)
             edges.append((d, x))
-    edges += [(root, s) for s in saves] + [(root, final)]
+    return edges + [(root, s) for s in saves] + [(root, final)]
 
+
+def _sorted_saves(g: _Graph, edges: list[tuple[int, int]], saves: list[int]) -> list[int]:
+    """The positions of the save tasks in the topological walk that always takes the smallest
+    ready (label, priority, discovery number)."""
     number: dict[int, int] = {}
     for u, v in edges:
         number.setdefault(u, len(number))
@@ -87,7 +93,7 @@ def write_order(inputs: Sequence[Sequence[tuple[str, str]]]) -> list[int]:
     for u, v in dict.fromkeys(edges):
         succ[u].append(v)
         indegree[v] += 1
-    ready = [(label[x], prio[x], number[x], x) for x, d in indegree.items() if d == 0]
+    ready = [(g.label[x], g.prio[x], number[x], x) for x, d in indegree.items() if d == 0]
     heapq.heapify(ready)
     position = {s: i for i, s in enumerate(saves)}
     order: list[int] = []
@@ -98,5 +104,18 @@ def write_order(inputs: Sequence[Sequence[tuple[str, str]]]) -> list[int]:
         for v in succ[x]:
             indegree[v] -= 1
             if indegree[v] == 0:
-                heapq.heappush(ready, (label[v], prio[v], number[v], v))
+                heapq.heappush(ready, (g.label[v], g.prio[v], number[v], v))
     return order
+
+
+def write_order(inputs: Sequence[Sequence[tuple[str, str]]]) -> list[int]:
+    """Indices of the outputs in write order.
+
+    ``inputs[i]`` are the (model, input tensor name) pairs of output ``i``, in source order, and
+    the outputs are given in planning order: pre-weights, then each slice's layers (each layer's
+    tensors in the architecture's order), then post-weights.
+    """
+    if not inputs:
+        return []
+    g, saves, final, root = _build(inputs)
+    return _sorted_saves(g, _discover(g, saves, final, root), saves)

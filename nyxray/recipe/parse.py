@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,98 +180,122 @@ def _dtype(value: Any, path: str, origin: str) -> str | None:
     return name
 
 
-def parse_recipe(doc: Any, text: str, origin: str = "<recipe>") -> Recipe:
-    """Validate one parsed YAML document; ``text`` is its source, kept for the model card."""
-    _check_keys(doc, TOP_KEYS, "", origin)
-    method = doc.get("merge_method")
-    if method is None:
+def _method(value: Any, origin: str) -> str:
+    if value is None:
         raise RecipeError("merge_method", "is required", origin)
-    if not isinstance(method, str):  # a list or mapping here would crash the lookup below
-        raise RecipeError("merge_method", f"must be a method name, got {method!r}", origin)
-    if method not in METHODS:
-        raise RecipeError("merge_method", f"unknown or unsupported merge method {method!r}{unknown_method_hint(method)}", origin)
+    if not isinstance(value, str):  # a list or mapping here would crash the lookup below
+        raise RecipeError("merge_method", f"must be a method name, got {value!r}", origin)
+    if value not in METHODS:
+        raise RecipeError("merge_method", f"unknown or unsupported merge method {value!r}{unknown_method_hint(value)}", origin)
+    return value
+
+
+def _optional_ref(node: dict, key: str, path: str, origin: str) -> str | None:
+    return _model_ref(node[key], path, origin) if node.get(key) is not None else None
+
+
+def _entries(raw: Any, path: str, keys: tuple[str, ...], origin: str) -> Iterator[tuple[str, dict]]:
+    """Each mapping of the non-empty list at ``path`` with its key path, its keys checked. Lazily:
+    an entry is checked only once the one before it is fully parsed, so the first error in the
+    file is the one reported."""
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError(path, "must be a non-empty list", origin)
+    for i, node in enumerate(raw):
+        yield f"{path}[{i}]", _check_keys(node, keys, f"{path}[{i}]", origin)
+
+
+def _source(src: dict, method: str, path: str, origin: str) -> Source:
+    """One entry of a slice's ``sources:``."""
+    if "model" not in src:
+        raise RecipeError(f"{path}.model", "is required", origin)
+    if "layer_range" not in src:
+        raise RecipeError(f"{path}.layer_range", "is required", origin)
+    return Source(
+        _model_ref(src["model"], f"{path}.model", origin),
+        _layer_range(src["layer_range"], f"{path}.layer_range", origin),
+        _parameters(src.get("parameters"), method, "source", f"{path}.parameters", origin),
+        path,
+    )
+
+
+def _slices(raw: Any, method: str, origin: str) -> tuple[Slice, ...]:
+    out = []
+    for sp, s in _entries(raw, "slices", SLICE_KEYS, origin):
+        sources = tuple(_source(src, method, p, origin) for p, src in _entries(s.get("sources"), f"{sp}.sources", SOURCE_KEYS, origin))
+        sbase = _optional_ref(s, "base_model", f"{sp}.base_model", origin)
+        out.append(Slice(sources, sbase, _parameters(s.get("parameters"), method, "slice", f"{sp}.parameters", origin), sp))
+    return tuple(out)
+
+
+def _models(raw: Any, method: str, origin: str) -> tuple[Source, ...]:
+    ms = []
+    for p, m in _entries(raw, "models", MODEL_KEYS, origin):
+        if "model" not in m:
+            raise RecipeError(f"{p}.model", "is required", origin)
+        ms.append(Source(_model_ref(m["model"], f"{p}.model", origin), None, _parameters(m.get("parameters"), method, "source", f"{p}.parameters", origin), p))
+    return tuple(ms)
+
+
+def _check_base(method: str, base: str | None, slices: tuple[Slice, ...] | None, origin: str) -> None:
+    """The method's base policy, for every slice (or the models: form) before any model is opened."""
+    m = METHODS[method]
+    for sl in slices if slices is not None else (None,):
+        where = f" (or {sl.path}.base_model)" if sl is not None and base is None else ""
+        problem = m.base_problem(m.slice_base(sl.base_model if sl else None, base), where)
+        if problem:
+            raise RecipeError("base_model", problem, origin)
+
+
+def _tokenizer_source(tok: Any, base: str | None, origin: str) -> str | None:
+    if tok is None:
+        return None
+    if tok == "union":
+        raise RecipeError("tokenizer_source", "'union' (building a merged vocabulary) is not supported; use base or a model", origin)
+    tok = _model_ref(tok, "tokenizer_source", origin)
+    if tok == "base" and base is None:
+        raise RecipeError("tokenizer_source", "'base' needs a top-level base_model", origin)
+    return tok
+
+
+def _random_seed(seed: Any, origin: str) -> int | None:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+        raise RecipeError("random_seed", f"must be an integer in [0, 2**63), got {seed!r}", origin)
+    return seed
+
+
+def _stage_name(name: Any, origin: str) -> str | None:
+    if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
+        raise RecipeError("name", f"a stage name must be a plain non-empty string without '/', got {name!r}", origin)
+    return name
+
+
+def parse_recipe(doc: Any, text: str, origin: str = "<recipe>") -> Recipe:
+    """Validate one parsed YAML document; ``text`` is its source, kept for the model card.
+
+    The checks run in the order of the helpers below: which error a recipe with several gets is
+    part of the error corpus."""
+    _check_keys(doc, TOP_KEYS, "", origin)
+    method = _method(doc.get("merge_method"), origin)
     has = [k for k in ("slices", "models") if doc.get(k) is not None]
     if len(has) != 1:
         raise RecipeError("", "exactly one of slices: and models: must be given", origin)
-    base = _model_ref(doc["base_model"], "base_model", origin) if doc.get("base_model") is not None else None
-
-    slices = models = None
-    if "slices" in has:
-        raw = doc["slices"]
-        if not isinstance(raw, list) or not raw:
-            raise RecipeError("slices", "must be a non-empty list", origin)
-        out = []
-        for i, s in enumerate(raw):
-            sp = f"slices[{i}]"
-            _check_keys(s, SLICE_KEYS, sp, origin)
-            srcs = s.get("sources")
-            if not isinstance(srcs, list) or not srcs:
-                raise RecipeError(f"{sp}.sources", "must be a non-empty list", origin)
-            sources = []
-            for j, src in enumerate(srcs):
-                p = f"{sp}.sources[{j}]"
-                _check_keys(src, SOURCE_KEYS, p, origin)
-                if "model" not in src:
-                    raise RecipeError(f"{p}.model", "is required", origin)
-                if "layer_range" not in src:
-                    raise RecipeError(f"{p}.layer_range", "is required", origin)
-                sources.append(
-                    Source(
-                        _model_ref(src["model"], f"{p}.model", origin),
-                        _layer_range(src["layer_range"], f"{p}.layer_range", origin),
-                        _parameters(src.get("parameters"), method, "source", f"{p}.parameters", origin),
-                        p,
-                    )
-                )
-            sbase = _model_ref(s["base_model"], f"{sp}.base_model", origin) if s.get("base_model") is not None else None
-            out.append(Slice(tuple(sources), sbase, _parameters(s.get("parameters"), method, "slice", f"{sp}.parameters", origin), sp))
-        slices = tuple(out)
-    else:
-        raw = doc["models"]
-        if not isinstance(raw, list) or not raw:
-            raise RecipeError("models", "must be a non-empty list", origin)
-        ms = []
-        for j, m in enumerate(raw):
-            p = f"models[{j}]"
-            _check_keys(m, MODEL_KEYS, p, origin)
-            if "model" not in m:
-                raise RecipeError(f"{p}.model", "is required", origin)
-            ms.append(
-                Source(_model_ref(m["model"], f"{p}.model", origin), None, _parameters(m.get("parameters"), method, "source", f"{p}.parameters", origin), p)
-            )
-        models = tuple(ms)
-
-    if METHODS[method].base == "required" and base is None:
-        unbased = [s.path for s in slices or () if s.base_model is None]
-        if models is not None or unbased:
-            where = f" (or {unbased[0]}.base_model)" if unbased else ""
-            raise RecipeError("base_model", f"{method} needs a base_model{where}: its task vectors or interpolation start from it", origin)
-    tok = doc.get("tokenizer_source")
-    if tok is not None:
-        if tok == "union":
-            raise RecipeError("tokenizer_source", "'union' (building a merged vocabulary) is not supported; use base or a model", origin)
-        tok = _model_ref(tok, "tokenizer_source", origin)
-        if tok == "base" and base is None:
-            raise RecipeError("tokenizer_source", "'base' needs a top-level base_model", origin)
-    seed = doc.get("random_seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
-        raise RecipeError("random_seed", f"must be an integer in [0, 2**63), got {seed!r}", origin)
-    name = doc.get("name")
-    if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
-        raise RecipeError("name", f"a stage name must be a plain non-empty string without '/', got {name!r}", origin)
+    base = _optional_ref(doc, "base_model", "base_model", origin)
+    slices = _slices(doc["slices"], method, origin) if "slices" in has else None
+    models = _models(doc["models"], method, origin) if slices is None else None
+    _check_base(method, base, slices, origin)
     return Recipe(
         merge_method=method,
         slices=slices,
         models=models,
         base_model=base,
+        tokenizer_source=_tokenizer_source(doc.get("tokenizer_source"), base, origin),
+        random_seed=_random_seed(doc.get("random_seed"), origin),
+        name=_stage_name(doc.get("name"), origin),
         parameters=_parameters(doc.get("parameters"), method, "top", "parameters", origin),
         dtype=_dtype(doc.get("dtype"), "dtype", origin),
         out_dtype=_dtype(doc.get("out_dtype"), "out_dtype", origin),
-        tokenizer_source=tok,
-        name=name,
         text=text,
         origin=origin,
-        random_seed=seed,
     )
 
 
