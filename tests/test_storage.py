@@ -136,7 +136,7 @@ def test_local_writeback_is_queued_as_bytes_arrive_and_the_file_is_exact(tmp_pat
     fsync then waits for little); the bytes that land are exactly the bytes given."""
     import os
 
-    from nyxray.io.backends.local_writeback import STEP
+    from nyxray.io.backends.local import STEP
 
     loc = location(str(tmp_path))
     w = loc.open_atomic("x.bin")

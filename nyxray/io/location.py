@@ -23,7 +23,7 @@ from typing import Any
 import fsspec
 
 from ..errors import StorageError
-from .backends.local_writeback import Writeback
+from .backends.local import Writeback
 from .retry import describe, redact, with_retries
 
 COALESCE_CAP = 64 * 2**20  # bytes: one ranged request never asks for more
@@ -209,7 +209,7 @@ class AtomicWriter:
     """Streams one file; it becomes visible under its final name only on :meth:`commit`.
 
     Local files: a hidden temporary file in the same directory, fsynced, then renamed. S3: nyxray's
-    own multipart upload (:mod:`nyxray.io.backends.s3_multipart`, parts sent concurrently); gcsfs: its file's
+    own multipart upload (:mod:`nyxray.io.backends.s3`, parts sent concurrently); gcsfs: its file's
     upload. Either is completed on commit and aborted on discard, so an interrupted shard never
     appears. Other backends: a temporary name, then a move.
     """
@@ -233,7 +233,7 @@ class AtomicWriter:
         head, _, base = self.final.rpartition("/")
         self.tmp = self.final if self.direct else f"{head}/.{base}.nyxray-{uuid.uuid4().hex[:8]}.tmp"
         if loc.protocol in ("s3", "s3a"):
-            from .backends.s3_multipart import MultipartUpload  # parts in flight concurrently (s3fs sends them one by one)
+            from .backends.s3 import MultipartUpload  # parts in flight concurrently (s3fs sends them one by one)
 
             self.f = MultipartUpload(loc.fs, self.final, part_size, loc.url(name), loc.options)
             return

@@ -37,7 +37,7 @@ import os
 
 from ..errors import NyxrayError
 from ..execute.unit import Unit, UnitResult
-from ..io.backends.s3_multipart import abort, begin, complete, list_parts
+from ..io.backends.s3 import abort, begin, complete, list_parts
 from ..io.location import Location
 from ..plan.stages import ShardPlan
 from .parts import PARTS_DIR, Part, PartJob, cuts, layout, min_part, s3_numbers, s3_pieces, splittable

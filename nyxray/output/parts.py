@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NyxrayError, StorageError
-from ..io.backends.local_writeback import Writeback
-from ..io.backends.s3_multipart import MIN_PART, PartUploader
+from ..io.backends.local import Writeback
+from ..io.backends.s3 import MIN_PART, PartUploader
 from ..io.location import DEFAULT_PART, Location
 from ..plan.stages import ShardPlan, parse_size
 
