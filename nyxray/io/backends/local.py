@@ -32,8 +32,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...errors import NyxrayError, StorageError
-from ..retry import describe, redact
-from .base import Assembler, Backend, Part, PartJob, digest, tmp_name
+from .base import Assembler, Backend, FileWriter, Part, PartJob, digest, tmp_name
 
 if TYPE_CHECKING:
     from ..location import Location
@@ -115,7 +114,7 @@ class LocalBackend(Backend):
             return True
 
 
-class LocalWriter:
+class LocalWriter(FileWriter):
     """A hidden temporary file in the final file's directory, fsynced and renamed on commit."""
 
     def __init__(self, loc: Location, name: str):
@@ -124,17 +123,13 @@ class LocalWriter:
         self.tmp = tmp_name(self.final)
         try:
             os.makedirs(os.path.dirname(self.final), exist_ok=True)
-            self.f: Any = open(self.tmp, "wb")
+            self.f = open(self.tmp, "wb")
         except OSError as e:
             raise StorageError(f"{loc.url(name)}: cannot write: {e.strerror}") from None
         self.writeback = Writeback(self.f.fileno())
 
     def write(self, data: bytes | memoryview) -> None:
-        try:
-            self.f.write(data)
-        except OSError as e:
-            raise StorageError(redact(f"{self.loc.url(self.name)}: write failed: {describe(e)}", self.loc.options)) from None
-        self.written += len(data)
+        super().write(data)
         self.writeback.wrote(self.written)
 
     def commit(self) -> None:
@@ -147,13 +142,9 @@ class LocalWriter:
             raise StorageError(f"{self.loc.url(self.name)}: cannot commit: {e.strerror}") from None
         self.done = True
 
-    def discard(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        with contextlib.suppress(Exception):  # best effort: the final name was never written
-            self.f.close()
-            os.unlink(self.tmp)
+    def _drop(self) -> None:
+        self.f.close()
+        os.unlink(self.tmp)
 
 
 class LocalPartWriter:
