@@ -19,7 +19,6 @@ import s3fs
 
 import nyxray
 from nyxray.errors import OutputError
-from nyxray.io.backends import conditional
 from nyxray.io.location import location
 from nyxray.output import lease as lease_mod
 from nyxray.output.lease import LEASE, hold
@@ -174,7 +173,6 @@ def test_concurrent_takeover_of_a_stale_lease_exactly_one_wins(tmp_path, s3_serv
 TAKER = """
 import json, sys, time
 from nyxray.errors import OutputError
-from nyxray.io.backends import conditional
 from nyxray.io.location import location
 from nyxray.output import lease as lease_mod
 
@@ -274,7 +272,7 @@ def check_round(loc, answers: dict[int, dict]) -> None:
         if a is not won[0]:
             assert "refused" in a, (loc.display, a)
             assert f"{loc.display} is being written by another nyxray run ({winner};" in a["refused"], (loc.display, winner, a)
-    current = conditional.read(loc, LEASE)
+    current = loc.backend.cas_read(LEASE)
     assert current is not None and json.loads(current[0])["holder"] == winner, (loc.display, current)
 
 

@@ -1,4 +1,4 @@
-"""nyxray's S3 multipart writer (nyxray/io/backends/s3_multipart.py) against a real S3 server, through the fault
+"""nyxray's S3 multipart writer (nyxray/io/backends/s3.py) against a real S3 server, through the fault
 proxy: parts travel concurrently but never more than the bound, the object is byte-exact and
 appears only on commit, and a completion whose answer is lost is not taken for a failure."""
 
@@ -10,7 +10,7 @@ import uuid
 
 import s3fs
 
-from nyxray.io.backends.s3_multipart import CONCURRENCY, MIN_PART, PROCESS_INFLIGHT
+from nyxray.io.backends.s3 import CONCURRENCY, MIN_PART, PROCESS_INFLIGHT
 from nyxray.io.location import location
 
 

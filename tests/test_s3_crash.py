@@ -22,6 +22,7 @@ import s3fs
 import nyxray
 from nyxray.demo.synthetic import ModelShape, make_model
 from nyxray.errors import StorageError
+from nyxray.io.backends.s3 import MIN_PART
 from nyxray.output import parts as P
 from nyxray.plan.expr import leaves
 
@@ -155,7 +156,7 @@ def part_costs(recipe: str, opts: dict, unit_size: str) -> dict[str, list[tuple[
     out = {}
     for shard in plan.final.shards:
         order = shard.in_file_order()
-        cuts = P.layout(shard, P.cuts(shard, P.parse_unit_size(unit_size), P.MIN_PART))
+        cuts = P.layout(shard, P.cuts(shard, P.parse_unit_size(unit_size), MIN_PART))
         out[shard.name] = [(p.size, sum(x.end - x.start for x in {x for t in order[p.first : p.last] for x in leaves(t.expr)})) for p in cuts]
     return out
 

@@ -16,6 +16,8 @@ import s3fs
 import nyxray
 from nyxray.demo.synthetic import ModelShape, make_model
 from nyxray.errors import NyxrayError, StorageError
+from nyxray.io.backends.local import LocalPartWriter
+from nyxray.io.backends.s3 import MIN_PART, S3PartWriter
 from nyxray.output import parts as P
 
 SHAPE = ModelShape(hidden=512, intermediate=1024, layers=16, vocab=2048, heads=8, kv_heads=4)  # about 80 MB in bf16
@@ -81,7 +83,7 @@ def manifest(path: str) -> dict:
 def test_layout_parts_are_contiguous_runs_of_whole_tensors(sources, tmp_path):
     plan = nyxray.plan(RECIPE, models=sources, out_shard_size=SHARD)
     for shard in plan.final.shards:
-        for unit, smallest in (("1M", 1), ("6M", P.MIN_PART)):
+        for unit, smallest in (("1M", 1), ("6M", MIN_PART)):
             parts = P.layout(shard, P.cuts(shard, P.parse_unit_size(unit), smallest))
             assert parts[0].start == 0 and parts[-1].end == shard.size
             assert all(a.end == b.start for a, b in zip(parts, parts[1:]))
@@ -119,7 +121,7 @@ def test_local_parts_are_byte_identical_and_verified_per_part(sources, reference
 
 def test_resume_after_a_part_failure_redoes_only_the_missing_parts(sources, reference, tmp_path, monkeypatch):
     out = str(tmp_path / "m")
-    commit = P.LocalPartWriter.commit
+    commit = LocalPartWriter.commit
     failing = {"at": None}
 
     def fail_third(self) -> None:  # the third part to finish fails (after two are recorded)
@@ -130,7 +132,7 @@ def test_resume_after_a_part_failure_redoes_only_the_missing_parts(sources, refe
             raise StorageError("injected part failure")
         commit(self)
 
-    monkeypatch.setattr(P.LocalPartWriter, "commit", fail_third)
+    monkeypatch.setattr(LocalPartWriter, "commit", fail_third)
     with pytest.raises(NyxrayError, match="injected part failure"):
         merge(out, sources, unit_size="6M", actors=1)
     assert not os.path.exists(os.path.join(out, "nyxray-manifest.json"))
@@ -138,7 +140,7 @@ def test_resume_after_a_part_failure_redoes_only_the_missing_parts(sources, refe
     done = {(os.path.basename(os.path.dirname(f)), json.load(open(f))["part"]) for f in glob.glob(os.path.join(out, ".nyxray/parts/*/part-*.json"))}
     assert len(done) == 2
 
-    monkeypatch.setattr(P.LocalPartWriter, "commit", commit)
+    monkeypatch.setattr(LocalPartWriter, "commit", commit)
     opened: list[tuple[str, int]] = []
     job_open = P.PartJob.open
 
@@ -166,7 +168,7 @@ def test_s3_parts_are_one_multipart_upload_each(sources, reference, s3_server, s
     assert got == reference
     assert sum(a["units"] for a in report["actors"]) > 2 * report["shards"]
     for rec in json.loads(fs.cat_file(f"{s3_bucket}/m/nyxray-manifest.json"))["shards"]:
-        assert len(rec["parts"]) > 1 and all(p["end"] - p["start"] >= P.MIN_PART for p in rec["parts"][:-1])
+        assert len(rec["parts"]) > 1 and all(p["end"] - p["start"] >= MIN_PART for p in rec["parts"][:-1])
         etag = fs.info(f"{s3_bucket}/m/{rec['name']}")["ETag"].strip('"')
         assert int(etag.rsplit("-", 1)[1]) >= len(rec["parts"])  # one upload, every part in it
     assert nyxray.verify(url, opts) == []
@@ -175,7 +177,7 @@ def test_s3_parts_are_one_multipart_upload_each(sources, reference, s3_server, s
 
 def test_s3_failed_part_aborts_the_uploads(sources, s3_server, s3_bucket, monkeypatch):
     opts = s3_server.storage_options
-    commit = P.S3PartWriter.commit
+    commit = S3PartWriter.commit
     seen = []
 
     def fail_second(self) -> None:
@@ -184,7 +186,7 @@ def test_s3_failed_part_aborts_the_uploads(sources, s3_server, s3_bucket, monkey
             raise StorageError("injected upload failure")
         commit(self)
 
-    monkeypatch.setattr(P.S3PartWriter, "commit", fail_second)
+    monkeypatch.setattr(S3PartWriter, "commit", fail_second)
     with pytest.raises(NyxrayError, match="injected upload failure"):
         merge(f"s3://{s3_bucket}/m", sources, unit_size="6M", storage_options=opts, actors=1)
     fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)

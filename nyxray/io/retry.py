@@ -1,6 +1,6 @@
 """Retries of storage calls, and the redaction that keeps credentials out of their errors.
 
-Its own module so that :mod:`nyxray.io.location` and :mod:`nyxray.io.backends.s3_multipart` (which storage's atomic
+Its own module so that :mod:`nyxray.io.location` and :mod:`nyxray.io.backends.s3` (which storage's atomic
 writer uses for S3) both import it without importing each other.
 """
 

@@ -2,7 +2,8 @@
 parts, begin (or adopt) each shard's assembly, take in finished parts, complete or abort it.
 
 A part is a work unit like any other to the scheduler. Every assembly keeps its resume state in the
-output, under ``.nyxray/parts/<shard>/`` (:class:`Assembly`, the same for both kinds):
+output, under ``.nyxray/parts/<shard>/`` (:class:`Assembly`, the same for every storage; what
+differs is the output backend's assembler, :mod:`nyxray.io.backends`):
 ``layout.json`` (the plan id, the shard's size and the parts' byte ranges; on S3 also the upload
 id), written before any part is computed, and one record per part the driver took
 (``part-NNNNN.json``: size, sha256, tensors; on S3 also the receipt, the ETags of the part's S3
@@ -12,11 +13,11 @@ others; anything else (another plan or ``--unit-size``, a failed check) starts t
 The folder is resume state, not a killed writer's leftover; it goes once the shard is in place,
 and ``finalize`` removes ``.nyxray`` at commit.
 
-- Locally, :class:`LocalAssembly` preallocates ``<shard>.partial`` in that folder; each worker
+- Locally, the assembler preallocates ``<shard>.partial`` in that folder; each worker
   writes its part at its offset and fsyncs it before the driver records it; the file is renamed to
   the shard's name once every part is in. A resumed run's workers check each recorded part's
   bytes in the file (a reused part is read back and hashed, not recomputed).
-- On S3, :class:`S3Assembly` is one multipart upload: begun here (its id recorded in the layout
+- On S3, an assembly is one multipart upload: begun here (its id recorded in the layout
   before any part is put), parts put by the workers, completed here. A run that fails aborts its
   uploads and drops their records, so no pending upload is left and a rerun begins afresh without
   asking the store. A run killed outright leaves its upload pending with its records: the same
@@ -33,14 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 
 from ..errors import NyxrayError
 from ..execute.unit import Unit, UnitResult
-from ..io.backends.s3_multipart import abort, begin, complete, list_parts
 from ..io.location import Location
 from ..plan.stages import ShardPlan
-from .parts import PARTS_DIR, Part, PartJob, cuts, layout, min_part, s3_numbers, s3_pieces, splittable
+from .parts import PARTS_DIR, Part, PartJob, cuts, layout
 
 LAYOUT = "layout.json"
 
@@ -53,14 +52,10 @@ def _read(out: Location, name: str) -> dict | None:
     return None
 
 
-def _is_s3(out: Location) -> bool:
-    return out.protocol in ("s3", "s3a")
-
-
 def recorded_uploads(out: Location) -> set[str]:
     """The upload ids recorded in the layouts under ``out``'s ``.nyxray/parts/``: a killed run's
     pending uploads that this run may adopt (claim keeps them from ``remove_partial_writes``)."""
-    if not _is_s3(out):
+    if not out.backend.pending_uploads:
         return set()
     ids = (_read(out, f"{PARTS_DIR}/{d}/{LAYOUT}") for d in out.listdir(PARTS_DIR))
     return {str(lay["upload_id"]) for lay in ids if lay and lay.get("upload_id")}
@@ -68,7 +63,8 @@ def recorded_uploads(out: Location) -> set[str]:
 
 class Assembly:
     """One shard of one output, assembled from parts computed by different workers, with its
-    resume state under ``.nyxray/parts/<shard>/`` (see the module docstring)."""
+    resume state under ``.nyxray/parts/<shard>/`` (see the module docstring): begun afresh, or an
+    earlier run's adopted when its layout is this one and the backend finds its parts intact."""
 
     def __init__(self, out: Location, shard: ShardPlan, parts: list[Part], plan_id: str):
         self.out, self.shard, self.parts = out, shard, parts
@@ -77,6 +73,18 @@ class Assembly:
         self.results: dict[int, UnitResult] = {}
         self.records: dict[int, dict] = {}  # part index -> record of an earlier run's part (resume)
         self.done = False
+        self.assembler = out.backend.assembler(shard.name, f"{self.dir}/{shard.name}.partial", parts)
+        old = self.recorded_layout()
+        earlier = str(old.get("upload_id") or "")
+        if self.same_layout(old):
+            records = self.recorded_parts()
+            if self.assembler.adopt(earlier, records):
+                self.upload_id, self.records = earlier, records  # each part is checked before reuse
+                return
+        elif earlier:  # another layout: never to be completed
+            with contextlib.suppress(Exception):
+                self.assembler.abort(earlier)
+        self.start()
 
     def recorded_layout(self) -> dict:
         """The layout an earlier run recorded for this shard (empty: none, or unreadable)."""
@@ -97,13 +105,21 @@ class Assembly:
                 got[p] = rec
         return got
 
-    def start(self, **extra: str) -> None:
-        """Begin the shard's state afresh: drop an earlier run's, record this layout (and ``extra``)."""
+    def start(self) -> None:
+        """Begin the shard afresh: drop an earlier run's state, begin the assembly, record this
+        layout (with the store's id of the assembly, before any part is put)."""
         self.out.delete_tree(self.dir)
-        self.out.write_atomic(f"{self.dir}/{LAYOUT}", json.dumps({**self.layout, **extra}).encode())
+        self.upload_id = self.assembler.begin()
+        extra = {"upload_id": self.upload_id} if self.upload_id else {}
+        try:
+            self.out.write_atomic(f"{self.dir}/{LAYOUT}", json.dumps({**self.layout, **extra}).encode())
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.assembler.abort(self.upload_id)
+            raise
 
     def job(self, part: Part) -> PartJob:
-        raise NotImplementedError
+        return self.assembler.job(self.upload_id, part)
 
     def take(self, r: UnitResult) -> UnitResult | None:
         """Take a finished part (its record is written first); returns the whole shard's result
@@ -136,105 +152,16 @@ class Assembly:
 
     def finish(self) -> None:
         """Make the shard appear under its final name, whole."""
-        raise NotImplementedError
+        self.assembler.complete(self.upload_id, [self.results[p.index].receipt or {} for p in self.parts])
 
     def abort(self) -> None:
-        """The run failed: leave nothing under the final name (and, on S3, no pending upload)."""
-
-
-class LocalAssembly(Assembly):
-    """Parts written at their offsets into a preallocated file, renamed into place at the end."""
-
-    def __init__(self, out: Location, shard: ShardPlan, parts: list[Part], plan_id: str):
-        super().__init__(out, shard, parts, plan_id)
-        self.file = f"{self.dir}/{shard.name}.partial"
-        if self.same_layout(self.recorded_layout()) and out.exists(self.file):
-            self.records = self.recorded_parts()  # each one's bytes are checked by the worker (unit._reusable)
+        """The run failed: leave nothing under the final name, and nothing pending in the store.
+        Parts that can be read back stay for a resume; others are dropped with their records, so
+        a rerun begins the shard afresh, asking nothing."""
+        if self.out.backend.readable_parts:
             return
-        self.start()
-        self._preallocate()
-
-    def _preallocate(self) -> None:
-        path = self.out.path(self.file)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o666)
-            try:
-                try:
-                    os.posix_fallocate(fd, 0, self.shard.size)  # the space is there before any part is computed
-                except OSError as e:
-                    if e.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: a file system without it
-                        raise
-                    os.ftruncate(fd, self.shard.size)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise NyxrayError(f"{self.out.url(self.file)}: cannot preallocate {self.shard.size} bytes: {e.strerror}") from None
-
-    def job(self, part: Part) -> PartJob:
-        return PartJob(part, file=self.file)
-
-    def finish(self) -> None:
-        try:
-            os.replace(self.out.path(self.file), self.out.path(self.shard.name))
-        except OSError as e:
-            raise NyxrayError(f"{self.out.url(self.shard.name)}: cannot move the assembled shard into place: {e.strerror}") from None
-
-
-class S3Assembly(Assembly):
-    """The parts of one multipart upload: begun (or a killed run's adopted) here, put by workers,
-    completed or aborted here."""
-
-    def __init__(self, out: Location, shard: ShardPlan, parts: list[Part], plan_id: str):
-        super().__init__(out, shard, parts, plan_id)
-        self.numbers = s3_numbers(parts)
-        self.path, self.url = out.path(shard.name), out.url(shard.name)
-        old = self.recorded_layout()
-        earlier = str(old.get("upload_id") or "")
-        if earlier and self.same_layout(old):
-            records = self.recorded_parts()
-            listed = list_parts(out.fs, self.path, earlier, self.url, out.options)
-            if listed is None:
-                earlier = ""  # gone (aborted or completed): nothing to adopt or abort
-            elif self._holds(listed, records):
-                self.upload_id, self.records = earlier, records  # adopted
-                return
-        if earlier:  # another layout, or parts that differ from their records: never to be completed
-            with contextlib.suppress(Exception):
-                abort(out.fs, self.path, earlier, self.url, out.options)
-        self.upload_id = begin(out.fs, self.path, self.url, out.options)
-        try:
-            self.start(upload_id=self.upload_id)  # drops the old records; the id is recorded before any part is put
-        except BaseException:
-            with contextlib.suppress(Exception):
-                abort(out.fs, self.path, self.upload_id, self.url, out.options)
-            raise
-
-    def _holds(self, listed: dict[int, list[tuple[str, int]]], records: dict[int, dict]) -> bool:
-        """Whether an upload's ``listed`` parts (ListParts) hold every recorded part: each of the
-        part's S3 part numbers with the recorded ETag and the size the layout gives it."""
-        for i, rec in records.items():
-            piece, count = s3_pieces(self.parts[i].size)
-            first = self.numbers[i]
-            sizes = {first + k: min(piece, self.parts[i].size - k * piece) for k in range(count)}
-            try:
-                etags = {int(n): str(tag).strip('"') for n, tag in rec["receipt"]["etags"]}
-            except (KeyError, TypeError, ValueError):
-                return False
-            if set(etags) != set(sizes) or any(not listed.get(n) or any(got != (etags[n], sizes[n]) for got in listed[n]) for n in sizes):
-                return False
-        return True
-
-    def job(self, part: Part) -> PartJob:
-        return PartJob(part, upload_id=self.upload_id, first_number=self.numbers[part.index])
-
-    def finish(self) -> None:
-        etags = {n: tag for r in self.results.values() for n, tag in (r.receipt or {}).get("etags", [])}
-        complete(self.out.fs, self.path, self.upload_id, etags, self.shard.size, self.url, self.out.options)
-
-    def abort(self) -> None:
-        """Abort the upload and drop its records: a rerun begins the shard afresh, asking nothing."""
-        try:
-            abort(self.out.fs, self.path, self.upload_id, self.url, self.out.options)
+            self.assembler.abort(self.upload_id)
         finally:
             self.out.delete_tree(self.dir)
 
@@ -244,13 +171,13 @@ class Assemblies:
 
     def __init__(self) -> None:
         self.by_key: dict[tuple[str, str], Assembly] = {}
-        self.s3_outs: dict[str, Location] = {}  # the S3 outputs of the run's units, by display name
+        self.pending_outs: dict[str, Location] = {}  # the run's outputs whose assemblies hold pending uploads, by display name
 
     def __len__(self) -> int:
         return len(self.by_key)
 
     def open(self, out: Location, shard: ShardPlan, parts: list[Part], plan_id: str) -> Assembly:
-        asm = LocalAssembly(out, shard, parts, plan_id) if out.is_local else S3Assembly(out, shard, parts, plan_id)
+        asm = Assembly(out, shard, parts, plan_id)
         self.by_key[(out.display, shard.name)] = asm
         return asm
 
@@ -266,12 +193,12 @@ class Assemblies:
         plans: list[tuple[Unit, list[Unit], list[list[Part]]]] = []
         for u in units:
             members = [u, *u.siblings]
-            self.s3_outs.update((m.out.display, m.out) for m in members if _is_s3(m.out))
-            at = cuts(u.shard, unit_size, max(min_part(m.out) for m in members))
+            self.pending_outs.update((m.out.display, m.out) for m in members if m.out.backend.pending_uploads)
+            at = cuts(u.shard, unit_size, max(m.out.backend.min_part for m in members))
             layouts = [layout(m.shard, at) for m in members]
-            split = len(at) > 1 and all(m.expected is None and splittable(m.out) for m in members) and all(map(_valid, members, layouts))
+            split = len(at) > 1 and all(m.expected is None and m.out.backend.splittable for m in members) and all(map(_valid, members, layouts))
             plans.append((u, members if split else [], layouts))
-        for out in self.s3_outs.values():
+        for out in self.pending_outs.values():
             _drop_assemblies(out, keep={m.shard.name for _, members, _ in plans for m in members if m.out.display == out.display})
         work: list[Unit] = []
         for u, members, layouts in plans:
@@ -296,7 +223,7 @@ class Assemblies:
             if not asm.done:
                 with contextlib.suppress(Exception):
                     asm.abort()
-        for out in self.s3_outs.values():
+        for out in self.pending_outs.values():
             with contextlib.suppress(Exception):
                 _drop_assemblies(out, keep=set())
 
@@ -311,10 +238,10 @@ def _drop_assemblies(out: Location, keep: set[str]) -> None:
         lay = _read(out, f"{d}/{LAYOUT}")
         if lay and lay.get("upload_id"):
             with contextlib.suppress(Exception):
-                abort(out.fs, out.path(name), str(lay["upload_id"]), out.url(name), out.options)
+                out.backend.assembler(name, "", []).abort(str(lay["upload_id"]))
         out.delete_tree(d)
 
 
 def _valid(member: Unit, parts: list[Part]) -> bool:
     """Whether every part but the last is large enough for the member's storage (S3: 5 MiB)."""
-    return all(p.size >= min_part(member.out) for p in parts[:-1])
+    return all(p.size >= member.out.backend.min_part for p in parts[:-1])

@@ -4,7 +4,7 @@ the run lasts, and expiring so that a crashed owner blocks the next run for one 
 Without it, two merges into the same output would both claim it, and the second one's clean-up
 (temporary files, pending multipart uploads) would destroy the first one's work in flight. The
 lease is ``OUT/.nyxray-lease.json``: who holds it (host, pid, a random id) and until when. It is
-taken with a conditional create (:mod:`nyxray.io.backends.conditional`); a live lease of another run stops
+taken with a conditional create (the output backend's compare-and-swap, :mod:`nyxray.io.backends`); a live lease of another run stops
 this one at once, naming the output and the holder; an expired one is taken over with a
 conditional replace, so two newcomers cannot both take it. The holder renews it every quarter of
 the TTL (conditionally on its own last version); if a renewal finds it taken over or the TTL runs
@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..errors import NyxrayError, OutputError
-from ..io.backends import conditional
 from ..io.location import Location
 
 LEASE = ".nyxray-lease.json"
@@ -95,11 +94,11 @@ class Lease:
         """Take the lease, or raise :class:`OutputError` naming the live holder."""
         for _ in range(5):
             body = self._body()
-            self.version = conditional.create(self.loc, LEASE, body)
+            self.version = self.loc.backend.cas_create(LEASE, body)
             if self.version:
                 self.expires = self.pending_expiry
                 return
-            current = conditional.read(self.loc, LEASE)
+            current = self.loc.backend.cas_read(LEASE)
             if current is None:
                 continue  # released meanwhile: create again
             data, version = current
@@ -112,7 +111,7 @@ class Lease:
                     "Wait for it to finish; if that run is dead, run again once its lease has expired"
                 )
             body = self._body()
-            self.version = conditional.replace(self.loc, LEASE, body, version)
+            self.version = self.loc.backend.cas_replace(LEASE, body, version)
             if self.version:
                 self.expires = self.pending_expiry
                 self.took_over = info["holder"]
@@ -131,11 +130,11 @@ class Lease:
             self.lost = f"its lease expired unrenewed at {time.ctime(self.expires)}"
             return
         try:
-            version = conditional.replace(self.loc, LEASE, self._body(), self.version)
+            version = self.loc.backend.cas_replace(LEASE, self._body(), self.version)
         except (NyxrayError, OSError):
             return  # storage trouble: try again at the next renewal, while the lease lasts
         if version is None:
-            current = conditional.read(self.loc, LEASE)
+            current = self.loc.backend.cas_read(LEASE)
             other = _parse(current[0])["holder"] if current else "nobody"
             self.lost = f"its lease was taken over (now held by {other})"
             return
@@ -151,7 +150,7 @@ class Lease:
         """Give the lease up (only our own version is removed)."""
         if self.version and not self.lost:
             with contextlib.suppress(NyxrayError):
-                conditional.delete(self.loc, LEASE, self.version)
+                self.loc.backend.cas_delete(LEASE, self.version)
         self.version = None
 
 

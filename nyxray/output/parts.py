@@ -5,11 +5,12 @@ A part is a contiguous run of the shard's tensors in file order, so its bytes ar
 byte range of the file; the header is known from the plan, so every part's offset is known before
 any tensor is computed. Part 0 starts at byte 0 and carries the header. The layout
 (:func:`layout`) closes a part before the tensor that would take it past the unit size, but never
-below ``min_part`` bytes (S3 refuses parts under 5 MiB but the last), so a part holds at most
+below the storage's ``min_part`` bytes (S3 refuses parts under 5 MiB but the last), so a part holds at most
 ``max(unit size, min_part + its largest tensor)`` bytes of output (part 0: plus the header); a tensor larger than the unit
 size is a part of its own.
 
-Where a part's bytes go (:class:`PartJob`, carried by the work unit to the worker):
+Where a part's bytes go (:class:`PartJob`, carried by the work unit to the worker) is the output
+backend's (:mod:`nyxray.io.backends`: its part writer and assembler); today:
 
 - a local or shared file system: at its offset (``os.pwrite``) into the shard's assembly file,
   which the driver preallocated under ``.nyxray/parts/<shard>/`` and renames into place once every
@@ -32,19 +33,15 @@ reads and checks every byte, as strong as one sha256 of the file.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Any
-
-from ..errors import NyxrayError, StorageError
-from ..io.backends.local_writeback import Writeback
-from ..io.backends.s3_multipart import MIN_PART, PartUploader
-from ..io.location import DEFAULT_PART, Location
+from ..errors import NyxrayError
+from ..io.backends.base import Part, PartJob
+from ..io.location import Location
 from ..plan.stages import ShardPlan, parse_size
+
+__all__ = ["DEFAULT_UNIT_SIZE", "MIN_UNIT_SIZE", "PARTS_DIR", "Part", "PartJob", "cuts", "digest_mismatch", "layout", "parse_unit_size", "ranges"]
 
 DEFAULT_UNIT_SIZE = 256 * 2**20
 MIN_UNIT_SIZE = 10**6
-MAX_S3_PARTS = 10_000
 PARTS_DIR = ".nyxray/parts"  # under the output: one folder per split shard (layout, part records, the assembly file)
 
 
@@ -59,32 +56,6 @@ def parse_unit_size(value: int | str | None) -> int:
     if n < MIN_UNIT_SIZE:
         raise NyxrayError(f"unit_size={value!r}: expected at least {MIN_UNIT_SIZE} bytes (1M)")
     return n
-
-
-def splittable(out: Location) -> bool:
-    """Whether shards at ``out`` can be assembled from parts: a file system that takes writes at an
-    offset, or S3's multipart uploads. Elsewhere a shard is one unit."""
-    return out.is_local or out.protocol in ("s3", "s3a")
-
-
-def min_part(out: Location) -> int:
-    return MIN_PART if out.protocol in ("s3", "s3a") else 1
-
-
-@dataclass(frozen=True)
-class Part:
-    """Part ``index`` of ``count``: the shard's tensors ``first..last-1`` in file order, bytes ``start..end-1``."""
-
-    index: int
-    count: int
-    first: int
-    last: int
-    start: int
-    end: int
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
 
 
 def cuts(shard: ShardPlan, unit_size: int, smallest: int) -> list[int]:
@@ -103,100 +74,6 @@ def layout(shard: ShardPlan, at: list[int]) -> list[Part]:
     bounds = [*at, len(shard.entries)]
     n = len(at)
     return [Part(k, n, a, b, 0 if k == 0 else shard.entries[a].start, shard.entries[b - 1].end) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-
-
-def s3_pieces(size: int) -> tuple[int, int]:
-    """(S3 part size, count) for a part of ``size`` bytes: even pieces of at least 16 MiB (the
-    writer's default part), so that the part's last S3 part is not small either."""
-    n = max(1, size // DEFAULT_PART)
-    piece = -(-size // n)
-    return piece, -(-size // piece)
-
-
-def s3_numbers(parts: list[Part]) -> list[int]:
-    """The first S3 part number of each part: consecutive blocks, in file order."""
-    first, out = 1, []
-    for p in parts:
-        out.append(first)
-        first += s3_pieces(p.size)[1]
-    if first - 1 > MAX_S3_PARTS:
-        raise NyxrayError(f"a shard of {parts[-1].end} bytes needs {first - 1} S3 parts (at most {MAX_S3_PARTS}); use a larger --unit-size")
-    return out
-
-
-@dataclass(frozen=True)
-class PartJob:
-    """What a worker needs to put one part's bytes in place: the part, and where its bytes go
-    (``file``: the assembly file's name under the output; or ``upload_id``/``first_number``)."""
-
-    part: Part
-    file: str = ""
-    upload_id: str = ""
-    first_number: int = 0
-
-    def open(self, out: Location, name: str) -> LocalPartWriter | S3PartWriter:
-        if self.upload_id:
-            return S3PartWriter(out, name, self)
-        return LocalPartWriter(out, self.file, self.part.start)
-
-
-class LocalPartWriter:
-    """Writes a part at its offset in the preallocated assembly file (``os.pwrite``), fsynced on commit."""
-
-    receipt: dict[str, Any] | None = None
-
-    def __init__(self, out: Location, name: str, offset: int):
-        self.url, self.offset, self.written = out.url(name), offset, 0
-        try:
-            self.fd = os.open(out.path(name), os.O_WRONLY)
-        except OSError as e:
-            raise StorageError(f"{self.url}: cannot write a part: {e.strerror} (the driver preallocates this file)") from None
-        self.writeback = Writeback(self.fd, offset)
-
-    def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        try:
-            while view:
-                n = os.pwrite(self.fd, view, self.offset + self.written)
-                self.written += n
-                view = view[n:]
-            self.writeback.wrote(self.offset + self.written)
-        except OSError as e:
-            raise StorageError(f"{self.url}: write failed at byte {self.offset + self.written}: {e.strerror}") from None
-
-    def commit(self) -> None:
-        try:
-            os.fsync(self.fd)
-        except OSError as e:
-            raise StorageError(f"{self.url}: cannot commit a part: {e.strerror}") from None
-        finally:
-            os.close(self.fd)
-
-    def discard(self) -> None:
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass  # already closed by a failed commit
-
-
-class S3PartWriter:
-    """Puts a part as consecutive S3 part numbers of the shard's upload; ``receipt`` holds the ETags."""
-
-    def __init__(self, out: Location, name: str, job: PartJob):
-        piece, _ = s3_pieces(job.part.size)
-        self.up = PartUploader(out.fs, out.path(name), piece, out.url(name), out.options, upload_id=job.upload_id, first_number=job.first_number)
-        self.written = 0
-        self.receipt: dict[str, Any] | None = None
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.up.write(data)
-        self.written += len(memoryview(data).cast("B"))
-
-    def commit(self) -> None:
-        self.receipt = {"etags": sorted(self.up.flush().items())}
-
-    def discard(self) -> None:
-        self.up.cancel()  # the driver aborts the upload
 
 
 def ranges(rec: dict) -> list[tuple[int, int, str]]:
