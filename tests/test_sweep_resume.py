@@ -60,7 +60,10 @@ def test_sweep_failing_halfway_resumes_without_recomputing_committed_shards(nyxe
         records = os.path.join(out, m, ".nyxray", "shards")
         recorded[m] = {f.removesuffix(".json") for f in os.listdir(records) if f.endswith(".json") and os.path.isfile(os.path.join(records, f))}
         assert recorded[m] <= set(os.listdir(os.path.join(out, m)))  # each under its final name
-    assert sum(map(len, recorded.values())) >= 2, recorded  # the failure came halfway, not first
+    # t=0.25's copy of the failing shard is recorded before t=0.75's record fails (siblings are
+    # recorded in member order); whether shards 1 and 2 were recorded too depends on the order in
+    # which units that finish together are collected, so only that one is certain
+    assert recorded["t=0.25"] >= {"model-00003-of-00003.safetensors"}, recorded
     os.rmdir(blocker)
     again = sweep(sweep_file, out, nyxene_sources)
     assert again["failed"] == {}
