@@ -11,11 +11,11 @@ import sys
 from . import __version__, api, cli_compat
 from .errors import NyxrayError
 from .execute import heap
+from .execute.choice import EXECUTORS
 from .execute.cpu_capability import CAPABILITIES
 from .execute.cpu_capability import ENV as CAPABILITY_ENV
 from .io.location import parse_storage_options
 from .plan.describe import methods_table, plan_text, report_text
-from .run import EXECUTORS
 
 
 def _mapping(pairs: list[str]) -> dict[str, str]:

@@ -19,9 +19,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from . import heap
-from .devices import set_math_threads
 
 MATH_THREADS = 1
+
+
+def set_math_threads(threads: int) -> int:
+    """Set torch's intra-op threads (importing torch); returns the previous count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    return previous
 
 
 def fix_math_threads() -> int:
