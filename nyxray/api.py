@@ -6,19 +6,21 @@ recipe -> plan (headers only) -> claim the output -> work units -> executor -> c
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import NyxrayError
-from .execute import cpu_capability as cpu_capability_module
+from .execute.execution import OPTIONS, build
 from .io.location import location
 from .output.commit import verify as verify_output
 from .plan.sources import Resolver
 from .plan.stages import Plan, parse_size
 from .plan.stages import plan as make_plan
 from .recipe.parse import Recipe, load_pipeline
-from .run import Target, balance, check_execution, needs_math, pipeline_text, prepared, run_targets, target_report, write_report
+from .run import Ran, Target, balance, needs_math, pipeline_text, run_job, target_report
 
 
 def _resolver(models: dict[str, str] | None, models_root: str | None, storage_options: dict[str, Any] | None) -> Resolver:
@@ -87,94 +89,79 @@ def merge(
 
     ``recipe`` may be a pipeline; its named stages are fused into one pass and written only when
     ``intermediates`` (a location; each stage goes to ``intermediates/<name>``) is given.
-    ``executor="auto"`` runs on Ray when a cluster is named (``address``, ``RAY_ADDRESS``, a Ray
-    job, or a Ray already initialised in this process), else in this process with no Ray start-up;
-    ``"ray"`` always runs on Ray (a local instance unless a cluster is named); ``"local"`` runs in
-    this process on one worker thread per core (or per local GPU; ``actors`` sets how many), each
-    unit's math on one torch thread. The report's ``executor`` says which ran and why.
-    ``keep_actors`` (seconds, Ray only) keeps the Ray actors
-    alive that long after the merge, for the next merge of this process to reuse (no process start,
-    no torch import); they hold their CPUs/GPUs meanwhile (:func:`release_actors` stops them).
-    ``unit_size`` (bytes, or ``"256M"``; default 256 MiB) caps the output of one work unit: a larger
-    shard is computed as parts by several workers and assembled into the one file (locally and on S3).
-    Re-running the same recipe into the same ``out``
-    resumes: shards already written and intact are kept. The report has ``wall_s``,
-    ``timings_s`` (plan, start, run, commit), ``throughput_mb_s`` (bytes read and written per
-    second of wall time), ``steady_throughput_mb_s`` (the same per second of ``run``),
-    ``bytes_read``, ``bytes_read_min``, ``bytes_written``, ``tensors``, ``shards``, ``actors``...
+    Re-running the same recipe into the same ``out`` resumes: shards already written and intact
+    are kept. How the merge runs (``executor``, ``device``, ``address``, ``actors``,
+    ``actor_cpus``, ``actor_gpus``, ``keep_actors``, ``unit_size``, ``cpu_capability``,
+    ``progress``) is one :class:`~nyxray.execute.execution.Execution`, documented there.
+    ``random_seed`` seeds random methods (DARE, DELLA): see :func:`plan`.
 
-    ``cpu_capability`` (``default``, ``avx2`` or ``avx512``: torch's CPU kernel sets, whose float32
-    rounding differs) is the one every worker computes with; default: the one an unfinished output
-    was begun with, else the driver's. A worker whose CPU cannot run it fails the run; in this
-    process it must be the one torch was imported with (the ``nyxray`` command sets it first).
-    The report's ``cpu_capability`` says which ran (None when nothing was computed).
+    The report has ``wall_s``, ``timings_s`` (plan, start, run, commit), ``throughput_mb_s``
+    (bytes read and written per second of wall time), ``steady_throughput_mb_s`` (the same per
+    second of ``run``), ``bytes_read``, ``bytes_read_min``, ``bytes_written``, ``tensors``,
+    ``shards``, ``actors``, ``executor`` (which ran and why), ``cpu_capability`` (the CPU kernel
+    set computed with; None when nothing was computed)...
     """
+    given = locals()  # the arguments as called, before any other local exists
     started = time.monotonic()
-    check_execution(device, executor, actors, keep_actors, unit_size, cpu_capability)
+    execution, writes = build(**{k: v for k, v in given.items() if k in OPTIONS})
     recipes = load_pipeline(recipe)
-    workers_at = {
-        "address": address,
-        "actors": actors,
-        "actor_cpus": actor_cpus,
-        "actor_gpus": actor_gpus,
-        "keep_actors": keep_actors,
-        "cpu_capability": cpu_capability_module.validate(cpu_capability),
-    }
-    with prepared(executor, device, needs_math(recipes), **workers_at) as chosen:  # on a named cluster, actors start while the headers are read
-        p = plan(
-            recipes,
-            out_shard_size=out_shard_size,
-            models=models,
-            models_root=models_root,
-            storage_options=storage_options,
-            random_seed=random_seed,
-            allow_crimes=allow_crimes,
-            unsafe_truncate_embeddings=unsafe_truncate_embeddings,
-        )
-        targets = [Target(location(out, storage_options), p.final, pipeline_text(recipes))]
-        if intermediates:
-            root = location(intermediates, storage_options)
-            targets = [Target(root.child(st.name), st, st.recipe.text) for st in p.stages[:-1]] + targets
-    planned = time.monotonic() - started
-    workers, timings, ran_on = run_targets(
-        targets,
-        device=device,
-        overwrite=overwrite,
-        executor=chosen,
-        progress=progress,
-        copy_tokenizer=copy_tokenizer,
-        write_model_card=write_model_card,
-        unit_size=unit_size,
-        **workers_at,
-    )
-    parts = [target_report(tg) for tg in targets]
-    wall = time.monotonic() - started
-    moved = sum(x["bytes_read_tensors"] + x["bytes_written"] for x in parts)
-    result = {
-        **parts[-1],
-        "wall_s": round(wall, 3),
-        "bytes_read": sum(x["bytes_read_tensors"] for x in parts) + p.header_bytes,
-        "bytes_read_tensors": sum(x["bytes_read_tensors"] for x in parts),
-        "bytes_read_headers": p.header_bytes,
-        "bytes_read_min": p.bytes_read_min(intermediates=bool(intermediates)),
-        "bytes_written": sum(x["bytes_written"] for x in parts),
-        "shards_reused": sum(x["shards_reused"] for x in parts),
-        "parts_reused": sum(x["parts_reused"] for x in parts),
-        "bytes_not_reread": sum(x["bytes_not_reread"] for x in parts),
-        "throughput_mb_s": round(moved / max(wall, 1e-9) / 1e6, 1),
-        "timings_s": {"plan": round(planned, 3), **timings},
-        "steady_throughput_mb_s": round(moved / max(timings["run"], 1e-9) / 1e6, 1),
-        "executor": ran_on,
-        "actors": workers,
-        "balance": balance(workers),
-        "warnings": p.warnings,
-        "stages": [st.name or "<final>" for st in p.stages],
-        "random_seed": p.final.random_seed,
-    }
-    if intermediates:
-        result["intermediates"] = parts[:-1]
-    write_report(result, report)
-    return result
+    job = _MergeJob(recipes, out, intermediates, {k: v for k, v in given.items() if k in _PLAN_OPTIONS})
+    return run_job(job, execution, writes, report, started)
+
+
+_PLAN_OPTIONS = frozenset(inspect.signature(plan).parameters) - {"recipe"}  # the keywords merge passes on to plan()
+
+
+@dataclass
+class _MergeJob:
+    """A merge for :func:`~nyxray.run.run_job`: one target, or one per named stage with ``intermediates``."""
+
+    recipes: list[Recipe]
+    out: str
+    intermediates: str | None
+    planning: dict[str, Any]  # plan()'s keywords
+    share_reads: bool = False
+    targets: list[Target] = field(default_factory=list)
+
+    def needs_math(self) -> bool:
+        return needs_math(self.recipes)
+
+    def plan(self) -> list[Target]:
+        self.p = plan(self.recipes, **self.planning)  # the module's plan, looked up now (tests watch it)
+        storage_options = self.planning["storage_options"]
+        self.targets = [Target(location(self.out, storage_options), self.p.final, pipeline_text(self.recipes))]
+        if self.intermediates:
+            root = location(self.intermediates, storage_options)
+            self.targets = [Target(root.child(st.name), st, st.recipe.text) for st in self.p.stages[:-1]] + self.targets
+        return self.targets
+
+    def report(self, ran: Ran, wall_s: float, plan_s: float) -> dict[str, Any]:
+        p, parts = self.p, [target_report(tg) for tg in self.targets]
+        moved = sum(x["bytes_read_tensors"] + x["bytes_written"] for x in parts)
+        result = {
+            **parts[-1],
+            "wall_s": round(wall_s, 3),
+            "bytes_read": sum(x["bytes_read_tensors"] for x in parts) + p.header_bytes,
+            "bytes_read_tensors": sum(x["bytes_read_tensors"] for x in parts),
+            "bytes_read_headers": p.header_bytes,
+            "bytes_read_min": p.bytes_read_min(intermediates=bool(self.intermediates)),
+            "bytes_written": sum(x["bytes_written"] for x in parts),
+            "shards_reused": sum(x["shards_reused"] for x in parts),
+            "parts_reused": sum(x["parts_reused"] for x in parts),
+            "bytes_not_reread": sum(x["bytes_not_reread"] for x in parts),
+            "throughput_mb_s": round(moved / max(wall_s, 1e-9) / 1e6, 1),
+            "timings_s": {"plan": round(plan_s, 3), **ran.timings},
+            "steady_throughput_mb_s": round(moved / max(ran.timings["run"], 1e-9) / 1e6, 1),
+            "executor": ran.executor,
+            "actors": ran.workers,
+            "balance": balance(ran.workers),
+            "warnings": p.warnings,
+            "stages": [st.name or "<final>" for st in p.stages],
+            "random_seed": p.final.random_seed,
+        }
+        if self.intermediates:
+            result["intermediates"] = parts[:-1]
+        return result
 
 
 def verify(out: str, storage_options: dict[str, Any] | None = None) -> list[str]:

@@ -10,12 +10,12 @@ import sys
 
 from . import __version__, api, cli_compat
 from .errors import NyxrayError
-from .execute import heap
+from .execute import runtime
+from .execute.choice import EXECUTORS
 from .execute.cpu_capability import CAPABILITIES
 from .execute.cpu_capability import ENV as CAPABILITY_ENV
 from .io.location import parse_storage_options
 from .plan.describe import methods_table, plan_text, report_text
-from .run import EXECUTORS
 
 
 def _mapping(pairs: list[str]) -> dict[str, str]:
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    heap.one_arena()  # before any thread exists: this process merges (nyxray.execute.heap)
+    runtime.settle_command()  # before any thread exists: this process merges
     args = build_parser().parse_args(argv)
     if getattr(args, "cpu_capability", None):  # torch, not imported yet, reads it when it loads
         os.environ[CAPABILITY_ENV] = args.cpu_capability
@@ -204,5 +204,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     sys.exit(main())

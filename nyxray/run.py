@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from .errors import NyxrayError, OutputError, RecipeError
 from .execute import cpu_capability as cpu_capability_module
-from .execute.choice import EXECUTORS, Choice, choose
-from .execute.devices import check_device
+from .execute.choice import Choice, choose
+from .execute.execution import Execution, Writes, build
+from .execute.pools import check_device, run_units
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
 from .io.location import Location, location
@@ -27,7 +28,6 @@ from .methods.registry import METHODS
 from .output.assemble import Assemblies
 from .output.commit import Claim, claim, finalize, inspect, record_shard
 from .output.lease import hold
-from .output.parts import parse_unit_size
 from .plan.expr import Leaf, leaf_bytes
 from .plan.sources import Model, Resolver
 from .plan.stages import Plan, StagePlan, parse_size
@@ -48,27 +48,6 @@ class Target:
     not_reread: int = 0  # source bytes of the shards and parts found intact from an earlier run
 
 
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def check_execution(
-    device: str, executor: str, actors: int | None, keep_actors: float = 0.0, unit_size: int | str | None = None, cpu_capability: str | None = None
-) -> None:
-    """Validate the execution arguments of a merge or sweep before any model is opened."""
-    parse_unit_size(unit_size)
-    cpu_capability_module.validate(cpu_capability)
-    if device not in DEVICES and not str(device).startswith("cuda:"):
-        raise NyxrayError(f"device {device!r}: expected one of {', '.join(DEVICES)} or cuda:N")
-    if executor not in EXECUTORS:
-        raise NyxrayError(f"executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
-    if actors is not None and actors < 1:
-        raise NyxrayError(f"actors={actors}: expected at least 1")
-    if not keep_actors >= 0:
-        raise NyxrayError(f"keep_actors={keep_actors}: expected seconds >= 0 (0: stop the actors when the merge ends)")
-    if keep_actors and executor == "local":
-        raise NyxrayError(f"keep_actors={keep_actors}: only the ray executor has actors to keep")
-
-
 def needs_math(recipes: list[Recipe]) -> bool:
     """Whether a merge will compute tensors (rather than copy them), guessed before planning: only a
     method that may copy (``copies_unless``), in the stored dtype, copies. A wrong guess costs
@@ -77,29 +56,19 @@ def needs_math(recipes: list[Recipe]) -> bool:
 
 
 @contextmanager
-def prepared(
-    executor: str,
-    device: str,
-    math: bool,
-    address: str | None = None,
-    actors: int | None = None,
-    actor_cpus: float = 1.0,
-    actor_gpus: float | None = None,
-    keep_actors: float = 0.0,
-    cpu_capability: str | None = None,
-) -> Iterator[Choice]:
+def prepared(execution: Execution, math: bool) -> Iterator[Choice]:
     """Choose the executor and check the device; on a named Ray cluster start the actors, so that
     they come up while the caller plans inside this block (they are stopped if planning fails).
-    Warmed actors compute with ``cpu_capability``, else the driver's kernel set."""
-    chosen = choose(executor, address, keep_actors)
-    check_device(device, chosen.name, address, actor_gpus)  # before any output is claimed
+    Warmed actors compute with the execution's ``cpu_capability``, else the driver's kernel set."""
+    chosen = choose(execution.executor, execution.address, execution.keep_actors)
+    check_device(execution, chosen.name)  # before any output is claimed
     if not chosen.warm:
         yield chosen
         return
     from .execute.ray_exec import cool_down, warm_up
 
-    pin = (cpu_capability or cpu_capability_module.current()) if math else None
-    handles = warm_up(device, address, actors, actor_cpus, actor_gpus, math, pin)
+    pin = (execution.cpu_capability or cpu_capability_module.current()) if math else None
+    handles = warm_up(execution, math, pin)
     try:
         yield chosen
     except BaseException:
@@ -149,77 +118,34 @@ def make_units(targets: list[Target], overwrite: bool, share_reads: bool, named_
     return list(groups.values())
 
 
-def run_targets(
-    targets: list[Target],
-    *,
-    device: str,
-    overwrite: bool,
-    executor: Choice,
-    progress: bool,
-    copy_tokenizer: bool,
-    write_model_card: bool,
-    share_reads: bool = False,
-    address: str | None = None,
-    actors: int | None = None,
-    actor_cpus: float = 1.0,
-    actor_gpus: float | None = None,
-    keep_actors: float = 0.0,
-    unit_size: int | str | None = None,
-    cpu_capability: str | None = None,
-) -> tuple[list[dict], dict[str, float], dict[str, str]]:
+class Ran(NamedTuple):
+    """What :func:`run_targets` reports: per-worker summaries, phase timings, the executor's report."""
+
+    workers: list[dict]
+    timings: dict[str, float]
+    executor: dict[str, str]
+
+
+def run_targets(targets: list[Target], execution: Execution, executor: Choice, writes: Writes, share_reads: bool = False) -> Ran:
     """Run and commit every target on ``executor`` (from :func:`prepared`); returns the per-worker
     summaries, the phase timings and the executor's report (``name`` and ``why``).
 
     Timings, in seconds: ``start`` (claiming outputs, connecting, starting workers: until the first
     unit is handed out), ``run`` (until the last unit is done), ``commit`` (index, config, manifest).
-    ``actors`` is the number of workers (Ray actors, or threads of this process for ``local``).
-    A shard larger than ``unit_size`` is computed as parts by several workers (:mod:`.assemble`).
+    ``execution.actors`` is the number of workers (Ray actors, or threads of this process for ``local``).
+    A shard larger than ``execution.unit_size`` is computed as parts by several workers (:mod:`.output.assemble`).
     Every worker computes with one CPU kernel set (:func:`pin_capability`).
     """
-    unit_bytes = parse_unit_size(unit_size)
     started = time.monotonic()
     with hold([tg.loc for tg in targets]) as leases:  # one writer per output, from claim to commit
-        units = make_units(targets, overwrite, share_reads, cpu_capability)
+        units = make_units(targets, writes.overwrite, share_reads, execution.cpu_capability)
         pin = targets[0].claim.cpu_capability if targets[0].claim else None
-        by_loc = {tg.loc.display: tg for tg in targets}
         assemblies = Assemblies()
-
-        def on_result(unit: Unit, result: UnitResult) -> None:
-            for u, r in zip([unit, *unit.siblings], [result, *result.siblings]):
-                tg = by_loc[u.out.display]
-                tg.not_reread += u.own_read_bytes if r.reused else 0
-                shard = assemblies.take(u, r) if u.part else r  # a part: the shard's result once its last part is in
-                if shard is None:
-                    continue
-                tg.results.append(shard)
-                if not shard.reused:
-                    record_shard(u.out, u.shard.name, shard.record())
-
         try:
-            units = assemblies.split(units, unit_bytes, {tg.loc.display: tg.claim.plan_id for tg in targets if tg.claim})
+            units = assemblies.split(units, execution.unit_size, {tg.loc.display: tg.claim.plan_id for tg in targets if tg.claim})
             pending = [u for u in units if u.expected is None]
-            bar = Progress(len(units), sum(u.read_bytes for u in pending), sum(u.write_bytes for u in units), enabled=progress)
-            if not units:
-                workers: list[dict] = []
-            elif executor.name == "local":
-                from .execute.local import execute as run_local
-
-                workers = run_local(units, device, bar, on_result, workers=actors, cpu_capability=pin)
-            else:
-                from .execute.ray_exec import execute as run_ray
-
-                workers = run_ray(
-                    units,
-                    device,
-                    bar,
-                    on_result,
-                    address=address,
-                    actors=actors,
-                    actor_cpus=actor_cpus,
-                    actor_gpus=actor_gpus,
-                    keep_actors=keep_actors,
-                    cpu_capability=pin,
-                )
+            bar = Progress(len(units), sum(u.read_bytes for u in pending), sum(u.write_bytes for u in units), enabled=execution.progress)
+            workers = run_units(executor.name, units, execution, pin, bar, _collector(targets, assemblies)) if units else []
         except BaseException:
             assemblies.abort()  # S3: no pending upload left; locally the parts stay for a resume
             raise
@@ -227,13 +153,37 @@ def run_targets(
         ran = time.monotonic()
         began = bar.began or ran
         leases.check()  # a run that lost an output's lease must not commit there
-        for tg in targets:
-            assert tg.claim is not None
-            if not tg.claim.complete or any(not r.reused for r in tg.results):
-                records = {r.path: r.record() for r in tg.results}
-                finalize(tg.loc, tg.stage, records, tg.text, copy_tokenizer, write_model_card, tg.claim.cpu_capability)
+        _commit(targets, writes)
     timings = {"start": began - started, "run": ran - began, "commit": time.monotonic() - ran}
-    return workers, {k: round(v, 3) for k, v in timings.items()}, executor.report()
+    return Ran(workers, {k: round(v, 3) for k, v in timings.items()}, executor.report())
+
+
+def _collector(targets: list[Target], assemblies: Assemblies) -> Callable[[Unit, UnitResult], None]:
+    """What the scheduler calls with each finished unit: its results (and its siblings') go to
+    their targets, a part's once its shard's last part is in; a new shard is recorded at once."""
+    by_loc = {tg.loc.display: tg for tg in targets}
+
+    def on_result(unit: Unit, result: UnitResult) -> None:
+        for u, r in zip([unit, *unit.siblings], [result, *result.siblings]):
+            tg = by_loc[u.out.display]
+            tg.not_reread += u.own_read_bytes if r.reused else 0
+            shard = assemblies.take(u, r) if u.part else r
+            if shard is None:
+                continue
+            tg.results.append(shard)
+            if not shard.reused:
+                record_shard(u.out, u.shard.name, shard.record())
+
+    return on_result
+
+
+def _commit(targets: list[Target], writes: Writes) -> None:
+    """Commit every target that is not already complete as it stands."""
+    for tg in targets:
+        assert tg.claim is not None
+        if not tg.claim.complete or any(not r.reused for r in tg.results):
+            records = {r.path: r.record() for r in tg.results}
+            finalize(tg.loc, tg.stage, records, tg.text, writes.copy_tokenizer, writes.write_model_card, tg.claim.cpu_capability)
 
 
 def target_report(tg: Target) -> dict[str, Any]:
@@ -272,6 +222,33 @@ def balance(workers: list[dict]) -> float:
     return round(max(busy) / (sum(busy) / len(busy)), 3) if busy and sum(busy) else 1.0
 
 
+class Job(Protocol):
+    """One command's work for :func:`run_job`: a merge, a sweep (and the coming ``moe``, ``search``)."""
+
+    share_reads: bool  # fuse the units of targets that write the same tensors (a sweep's members)
+
+    def needs_math(self) -> bool:
+        """Whether the job will compute tensors, guessed before planning (:func:`needs_math`)."""
+
+    def plan(self) -> list[Target]:
+        """Plan the job (headers only): the outputs to write. Ray actors may be starting meanwhile."""
+
+    def report(self, ran: Ran, wall_s: float, plan_s: float) -> dict[str, Any]:
+        """The run report, from what the targets (planned above) and the run did."""
+
+
+def run_job(job: Job, execution: Execution, writes: Writes, report: str | None, started: float) -> dict[str, Any]:
+    """The one run path: plan -> claim -> run -> commit -> report (written to ``report`` if given).
+    ``started``: when the caller began (its parsing counts as planning)."""
+    with prepared(execution, job.needs_math()) as chosen:  # on a named cluster, actors start while the headers are read
+        targets = job.plan()
+    planned = time.monotonic() - started
+    ran = run_targets(targets, execution, chosen, writes, job.share_reads) if targets else Ran([], {}, {})
+    result = job.report(ran, time.monotonic() - started, planned)
+    write_report(result, report)
+    return result
+
+
 def run_sweep(
     sweep: str,
     out: str,
@@ -289,70 +266,79 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run a sweep file into ``out`` (member ``M`` at ``out/M``); returns the sweep report.
 
-    ``random_seed`` seeds every member's random methods (default: each recipe's, else 0).
+    ``random_seed`` seeds every member's random methods (default: each recipe's, else 0). The
+    other keywords are :func:`nyxray.merge`'s execution and output ones (:func:`.execute.execution.build`).
     """
     started = time.monotonic()
-    check_execution(
-        execution.get("device", "auto"),
-        execution.get("executor", "auto"),
-        execution.get("actors"),
-        execution.get("keep_actors", 0.0),
-        execution.get("unit_size"),
-        execution.get("cpu_capability"),
-    )
+    how, writes = build(**execution)
     parse_size(out_shard_size)
-    sweep = os.fspath(sweep)
-    if "\n" not in sweep and (sweep.endswith((".yml", ".yaml")) or os.path.exists(sweep)):
-        try:
-            with open(sweep, encoding="utf-8") as f:
-                text, origin = f.read(), sweep
-        except OSError as e:
-            raise RecipeError("", f"cannot read sweep file: {e.strerror}", sweep) from None
-    else:
-        text, origin = sweep, "<sweep>"
-    members = expand(text, origin)
     resolver = Resolver(dict(models or {}), models_root, dict(storage_options or {}))
-    cache: dict[str, Model] = {}
-    plans: dict[str, Plan] = {}
-    failed: dict[str, str] = {}
-    math = needs_math([r for rs in members.values() if not isinstance(rs, NyxrayError) for r in rs])
-    workers_at = {k: execution[k] for k in ("address", "actors", "actor_cpus", "actor_gpus", "keep_actors", "cpu_capability") if k in execution}
-    with prepared(execution.pop("executor", "auto"), execution.setdefault("device", "auto"), math, **workers_at) as chosen:
-        for name, recipes in members.items():
+    planning = (out_shard_size, allow_crimes, unsafe_truncate_embeddings, random_seed)
+    job = SweepJob(expand(*_sweep_text(sweep)), out, storage_options, resolver, planning, fail_fast)
+    return run_job(job, how, writes, report, started)
+
+
+def _sweep_text(sweep: str | os.PathLike[str]) -> tuple[str, str]:
+    """A sweep's YAML and where it came from: a file's path, or ``<sweep>`` for text."""
+    sweep = os.fspath(sweep)
+    if "\n" in sweep or not (sweep.endswith((".yml", ".yaml")) or os.path.exists(sweep)):
+        return sweep, "<sweep>"
+    try:
+        with open(sweep, encoding="utf-8") as f:
+            return f.read(), sweep
+    except OSError as e:
+        raise RecipeError("", f"cannot read sweep file: {e.strerror}", sweep) from None
+
+
+@dataclass
+class SweepJob:
+    """A sweep for :func:`run_job`: every member planned (a bad one noted, or fatal with
+    ``fail_fast``), one target per member at ``out/<member>``, reads shared between members."""
+
+    members: dict[str, list[Recipe] | NyxrayError]
+    out: str
+    storage_options: dict[str, Any] | None
+    resolver: Resolver
+    planning: tuple  # out_shard_size, allow_crimes, unsafe_truncate_embeddings, random_seed
+    fail_fast: bool
+    share_reads: bool = True
+    cache: dict[str, Model] = field(default_factory=dict)
+    plans: dict[str, Plan] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    targets: dict[str, Target] = field(default_factory=dict)
+    root: Location = field(init=False)
+
+    def needs_math(self) -> bool:
+        return needs_math([r for rs in self.members.values() if not isinstance(rs, NyxrayError) for r in rs])
+
+    def plan(self) -> list[Target]:
+        shard_size, crimes, truncate, seed = self.planning
+        for name, recipes in self.members.items():
             try:
                 if isinstance(recipes, NyxrayError):
                     raise recipes
-                plans[name] = make_plan(recipes, resolver, out_shard_size, allow_crimes, unsafe_truncate_embeddings, model_cache=cache, random_seed=random_seed)
+                self.plans[name] = make_plan(recipes, self.resolver, shard_size, crimes, truncate, model_cache=self.cache, random_seed=seed)
             except NyxrayError as e:
-                if fail_fast:
+                if self.fail_fast:
                     raise NyxrayError(f"sweep member {name!r}: {e}") from None
-                failed[name] = str(e)
-        root = location(out, storage_options)
-        targets = {name: Target(root.child(name), p.final, pipeline_text(members[name])) for name, p in plans.items()}  # type: ignore[arg-type]
-    execution.setdefault("progress", True)
-    execution.setdefault("copy_tokenizer", True)
-    execution.setdefault("write_model_card", True)
-    execution.setdefault("overwrite", False)
-    planned = time.monotonic() - started
-    workers, timings, ran_on = run_targets(list(targets.values()), share_reads=True, executor=chosen, **execution) if targets else ([], {}, {})
-    header_bytes = sum(m.header_bytes for m in cache.values())
-    member_reports = {}
-    for name, tg in targets.items():
-        r = target_report(tg)
-        r["bytes_read_min"] = plans[name].bytes_read_min()
-        member_reports[name] = r
-    result = {
-        "output": root.display,
-        "wall_s": round(time.monotonic() - started, 3),
-        "bytes_read": sum(r["bytes_read_tensors"] for r in member_reports.values()) + header_bytes,
-        "bytes_read_headers": header_bytes,
-        "bytes_written": sum(r["bytes_written"] for r in member_reports.values()),
-        "timings_s": {"plan": round(planned, 3), **timings},
-        "members": member_reports,
-        "failed": failed,
-        "executor": ran_on,
-        "actors": workers,
-        "balance": balance(workers),
-    }
-    write_report(result, report)
-    return result
+                self.failed[name] = str(e)
+        self.root = location(self.out, self.storage_options)
+        self.targets = {name: Target(self.root.child(name), p.final, pipeline_text(self.members[name])) for name, p in self.plans.items()}  # type: ignore[arg-type]
+        return list(self.targets.values())
+
+    def report(self, ran: Ran, wall_s: float, plan_s: float) -> dict[str, Any]:
+        header_bytes = sum(m.header_bytes for m in self.cache.values())
+        members = {name: {**target_report(tg), "bytes_read_min": self.plans[name].bytes_read_min()} for name, tg in self.targets.items()}
+        return {
+            "output": self.root.display,
+            "wall_s": round(wall_s, 3),
+            "bytes_read": sum(r["bytes_read_tensors"] for r in members.values()) + header_bytes,
+            "bytes_read_headers": header_bytes,
+            "bytes_written": sum(r["bytes_written"] for r in members.values()),
+            "timings_s": {"plan": round(plan_s, 3), **ran.timings},
+            "members": members,
+            "failed": self.failed,
+            "executor": ran.executor,
+            "actors": ran.workers,
+            "balance": balance(ran.workers),
+        }

@@ -38,6 +38,7 @@ import pytest
 import nyxray.api as api
 from nyxray.errors import NyxrayError
 from nyxray.execute.choice import choose
+from nyxray.execute.execution import Execution, Writes
 from nyxray.io.location import location
 from nyxray.plan.expr import leaves
 from nyxray.run import Target, run_targets
@@ -336,14 +337,7 @@ def test_deterministic_unit_failure_fails_once_naming_the_cause(ray_cluster, nyx
     with pytest.raises(NyxrayError) as err:
         bounded(
             lambda: run_targets(
-                [Target(location(out), p.final, text)],
-                device="cpu",
-                overwrite=False,
-                executor=choose("ray"),
-                progress=False,
-                copy_tokenizer=True,
-                write_model_card=True,
-                actors=3,
+                [Target(location(out), p.final, text)], Execution(executor="ray", device="cpu", actors=3, progress=False), choose("ray"), Writes()
             )
         )
     elapsed = time.monotonic() - started
@@ -362,14 +356,9 @@ def test_deterministic_unit_failure_fails_once_naming_the_cause(ray_cluster, nyx
         bounded(
             lambda: run_targets(
                 [Target(location(out2), p.final, text)],
-                device="cpu",
-                overwrite=False,
-                executor=choose("ray"),
-                progress=False,
-                copy_tokenizer=True,
-                write_model_card=True,
-                actors=2,
-                keep_actors=120,
+                Execution(executor="ray", device="cpu", actors=2, keep_actors=120, progress=False),
+                choose("ray"),
+                Writes(),
             )
         )
     assert leaf.file in str(err.value) and "not found" in str(err.value), str(err.value)

@@ -1,9 +1,10 @@
 """Where the math runs. torch is imported only when a device must be probed or math is done, so
-copy-only work (passthrough in the stored dtype) never pays torch's import time.
+copy-only work (passthrough in the stored dtype) never pays torch's import time. This module
+imports nothing from the rest of :mod:`nyxray.execute`: the pools use it, not the reverse.
 
-A CUDA device is checked before the output is touched (:func:`check_device`): a merge asked to run
-on a GPU that is not there must fail with one clear line, not a torch traceback after it has
-claimed the output, and a run must never report a device nobody checked.
+A CUDA device is checked before the output is touched (:func:`nyxray.execute.pools.check_device`):
+a merge asked to run on a GPU that is not there must fail with one clear line, not a torch
+traceback after it has claimed the output, and a run must never report a device nobody checked.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from ..errors import NyxrayError
 
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when this process sees a GPU, else ``cpu``; anything else as given
-    (a CUDA device was checked by :func:`check_device` before the output was claimed)."""
+    (a CUDA device was checked before the output was claimed)."""
     if device != "auto":
         return device
     import torch
@@ -42,29 +43,3 @@ def check_cluster_cuda(device: str, cluster_gpus: float, actor_gpus: float | Non
         raise NyxrayError(
             f"device {device!r}: no CUDA device in the Ray cluster (it has no GPU); use --device cpu or auto, or --actor-gpus N on a cluster that can add GPU nodes"
         )
-
-
-def check_device(device: str, executor: str, address: str | None = None, actor_gpus: float | None = None) -> None:
-    """Check a CUDA ``device`` where the math will run, before any output is claimed: this process
-    for the local executor, the Ray cluster (connected to here) otherwise. Other devices need no
-    check (``auto`` falls back to the CPU)."""
-    if not device.startswith("cuda"):
-        return
-    if executor == "local":
-        check_local_cuda(device)
-        return
-    import ray
-
-    from .ray_exec import connect
-
-    connect(address)
-    check_cluster_cuda(device, ray.cluster_resources().get("GPU", 0.0), actor_gpus)
-
-
-def set_math_threads(threads: int) -> int:
-    """Set torch's intra-op threads (importing torch); returns the previous count."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    return previous

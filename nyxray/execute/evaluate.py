@@ -6,7 +6,6 @@ function from the catalogue (:mod:`nyxray.methods`; SLERP's kernel is :mod:`nyxr
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 
 import torch
@@ -44,9 +43,8 @@ def evaluate(e: Expr, data: Mapping[tuple, memoryview], device: str = "cpu") -> 
 def _tensor(e: Expr, data: Mapping[tuple, memoryview], device: str) -> torch.Tensor:
     if isinstance(e, Leaf):
         buf = data[e.key]
-        with warnings.catch_warnings():  # read-only input bytes: nothing here writes to them
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(buf, dtype=TORCH_DTYPES[e.dtype]) if len(buf) else torch.empty(0, dtype=TORCH_DTYPES[e.dtype])
+        # read-only input bytes: nothing writes to them (the pools silence torch's warning, .runtime)
+        t = torch.frombuffer(buf, dtype=TORCH_DTYPES[e.dtype]) if len(buf) else torch.empty(0, dtype=TORCH_DTYPES[e.dtype])
         return t.reshape(e.shape).to(device)
     if isinstance(e, Cast):
         return _tensor(e.child, data, device).to(TORCH_DTYPES[e.dtype])

@@ -10,33 +10,30 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 from .cpu_capability import check
 from .devices import resolve_device
-from .progress import Progress
+from .execution import Execution
 from .runtime import fix_math_threads, pool_settings
-from .scheduler import Scheduler
-from .unit import Unit, UnitResult, run_unit
+from .unit import Unit, run_unit
+
+START_TIMEOUT_S = 600.0  # never reached: a thread starts at once
 
 
-def execute(
-    units: list[Unit],
-    device: str,
-    progress: Progress,
-    on_result: Callable[[Unit, UnitResult], None],
-    workers: int | None = None,
-    cpu_capability: str | None = None,
-) -> list[dict]:
-    """Run every unit here on ``workers`` threads (default: one per core or local GPU); returns
-    the per-worker summary. This process must compute with ``cpu_capability`` when one is pinned."""
+@contextmanager
+def thread_pool(units: list[Unit], execution: Execution, pinned: str | None) -> Iterator[tuple[ThreadPool, float]]:
+    """The pool for ``units``: ``execution.actors`` threads (default: one per core or local GPU),
+    with the process settings of :mod:`.runtime` while it lives. This process must compute with
+    the ``pinned`` kernel set."""
     math = any(u.needs_math for u in units)
-    if math and cpu_capability:
-        check(cpu_capability, "this process")
-    devices = worker_devices(device if math else "cpu", workers)[: max(1, len(units))]
+    if math and pinned:
+        check(pinned, "this process")
+    devices = worker_devices(execution.device if math else "cpu", execution.actors)[: max(1, len(units))]
     with pool_settings(math):
-        return Scheduler(ThreadPool(devices, math), progress, on_result).run(units)
+        yield ThreadPool(devices, math), START_TIMEOUT_S
 
 
 def cores() -> int:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import gc
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -25,10 +26,10 @@ from . import heap
 from .actor_pool import POOL
 from .cpu_capability import ENV as CAPABILITY_ENV
 from .cpu_capability import check as check_capability
-from .devices import resolve_device
-from .progress import Progress
+from .devices import check_cluster_cuda, resolve_device
+from .execution import Execution
 from .runtime import MATH_THREADS, fix_math_threads, settle_worker_process
-from .scheduler import Scheduler, WorkerLost
+from .scheduler import WorkerLost
 from .unit import Unit, UnitResult, run_unit
 
 WARM_IDLE_S = 120.0  # warmed actors left unused this long (a plan that never came) are stopped
@@ -44,6 +45,12 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address, logging_level="WARNING")
     else:
         ray.init(include_dashboard=False, logging_level="WARNING")
+
+
+def check_cluster_device(execution: Execution) -> None:
+    """Check a CUDA device on the Ray cluster (connected to here) before any output is claimed."""
+    connect(execution.address)
+    check_cluster_cuda(execution.device, ray.cluster_resources().get("GPU", 0.0), execution.actor_gpus)
 
 
 class MergeActor:
@@ -95,14 +102,15 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _actor_count(device: str, actors: int | None, actor_cpus: float, actor_gpus: float | None) -> tuple[int, float, float]:
+def _actor_count(execution: Execution) -> tuple[int, float, float]:
     res = ray.cluster_resources()
     gpus = res.get("GPU", 0.0)
+    device, actors = execution.device, execution.actors
     use_gpu = device in ("auto", "cuda") or device.startswith("cuda")
-    per_gpu = actor_gpus if actor_gpus is not None else (1.0 if use_gpu and gpus >= 1 else 0.0)
+    per_gpu = execution.actor_gpus if execution.actor_gpus is not None else (1.0 if use_gpu and gpus >= 1 else 0.0)
     if actors is None:
-        actors = int(gpus // per_gpu) if per_gpu > 0 else int(res.get("CPU", 1) // actor_cpus)
-    return max(1, actors), actor_cpus, per_gpu
+        actors = int(gpus // per_gpu) if per_gpu > 0 else int(res.get("CPU", 1) // execution.actor_cpus)
+    return max(1, actors), execution.actor_cpus, per_gpu
 
 
 def _actor_kind(device: str, cpus: float, gpus: float, pinned: str | None) -> tuple[tuple, Callable[[int], Any]]:
@@ -126,7 +134,7 @@ def _actor_kind(device: str, cpus: float, gpus: float, pinned: str | None) -> tu
     return (cpus, gpus, dev, MATH_THREADS, pinned), lambda i: cls.remote(dev)
 
 
-def warm_up(device: str, address: str | None, actors: int | None, actor_cpus: float, actor_gpus: float | None, math: bool, pinned: str | None) -> list[Any]:
+def warm_up(execution: Execution, math: bool, pinned: str | None) -> list[Any]:
     """Start the merge actors now, before the plan exists, so that their start-up (a worker process,
     torch's import when ``math``, an autoscaler's new nodes) overlaps the driver's header reads.
 
@@ -134,9 +142,9 @@ def warm_up(device: str, address: str | None, actors: int | None, actor_cpus: fl
     the cluster holds, at most :data:`WARM_MAX` (the plan may need fewer: the merge stops the rest,
     or more: it starts them then). Returns the handles for :func:`cool_down` if planning fails.
     """
-    connect(address)
-    n, cpus, gpus = _actor_count(device, actors, actor_cpus, actor_gpus)
-    shape, create = _actor_kind(device, cpus, gpus, pinned)
+    connect(execution.address)
+    n, cpus, gpus = _actor_count(execution)
+    shape, create = _actor_kind(execution.device, cpus, gpus, pinned)
     handles = POOL.take(shape, min(n, max(WARM_MAX, POOL.waiting(shape))), create)  # kept actors are never stopped here
     for h in handles:
         h.ready.remote(math, pinned)  # not awaited: the merge's own ready() call finds the work done
@@ -149,42 +157,30 @@ def cool_down(handles: list[Any]) -> None:
     POOL.drop(handles)
 
 
-def execute(
-    units: list[Unit],
-    device: str,
-    progress: Progress,
-    on_result: Callable[[Unit, UnitResult], None],
-    address: str | None = None,
-    actors: int | None = None,
-    actor_cpus: float = 1.0,
-    actor_gpus: float | None = None,
-    keep_actors: float = 0.0,
-    cpu_capability: str | None = None,
-) -> list[dict]:
-    """Run the units on Ray actors, computing with the ``cpu_capability`` kernel set; returns
-    per-actor summaries for the report.
+@contextmanager
+def actor_pool(units: list[Unit], execution: Execution, pinned: str | None) -> Iterator[tuple[ActorPool, float]]:
+    """The pool for ``units``: Ray actors computing with the ``pinned`` kernel set, and how long
+    the scheduler waits for one to start.
 
     If no actor can run at all for ``NYXRAY_ACTOR_START_TIMEOUT`` seconds (default 600: time for an
     autoscaler), the run fails. Actors kept by an earlier merge of this process are reused; with
     ``keep_actors`` seconds this run's actors are kept too (:mod:`.actor_pool`), else they are
     stopped when it ends.
     """
-    connect(address)
-    pool = ActorPool(units, device, actors, actor_cpus, actor_gpus, keep_actors, cpu_capability)
-    start_timeout = float(os.environ.get("NYXRAY_ACTOR_START_TIMEOUT", "600"))
-    return Scheduler(pool, progress, on_result, start_timeout).run(units)
+    connect(execution.address)
+    yield ActorPool(units, execution, pinned), float(os.environ.get("NYXRAY_ACTOR_START_TIMEOUT", "600"))
 
 
 class ActorPool:
     """Merge actors as the scheduler's workers: started (or taken from the kept ones) at creation."""
 
-    def __init__(self, units: list[Unit], device: str, actors: int | None, actor_cpus: float, actor_gpus: float | None, keep_actors: float, pinned: str | None):
-        n, self.cpus, self.gpus = _actor_count(device, actors, actor_cpus, actor_gpus)
+    def __init__(self, units: list[Unit], execution: Execution, pinned: str | None):
+        n, self.cpus, self.gpus = _actor_count(execution)
         self.size = min(n, max(1, len(units)))
-        self.keep_actors = keep_actors
+        self.keep_actors = execution.keep_actors
         self.math = any(u.needs_math for u in units)
         self.pinned = pinned
-        self.shape, create = _actor_kind(device, self.cpus, self.gpus, pinned)
+        self.shape, create = _actor_kind(execution.device, self.cpus, self.gpus, pinned)
         self.handles = POOL.take(self.shape, self.size, create)
 
     def start(self, worker: int) -> Future:

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import torch
 
+from ..execute.runtime import in_pool
 from .base import Group
 
 F = TypeVar("F", bound=Callable[..., torch.Tensor])
@@ -26,10 +27,13 @@ def offsets(group: Group) -> list[torch.Tensor]:
 
 
 def single_threaded(fn: F) -> F:
-    """Run ``fn`` with one torch thread.
+    """Make sure ``fn`` computes on one torch thread.
 
     Whole-tensor sums and norms split their work across threads, and the split changes the order
-    of the additions, hence the bits; mergekit's reference runs with ``--num-threads 1``.
+    of the additions, hence the bits; mergekit's reference runs with ``--num-threads 1``. In a
+    pool's worker the runtime set one thread once (:mod:`nyxray.execute.runtime`), so this only
+    asserts it: changing the count there would race with the other workers. A direct call from
+    elsewhere (a script, a test) is run on one thread and the caller's count restored.
     """
 
     @functools.wraps(fn)
@@ -37,6 +41,8 @@ def single_threaded(fn: F) -> F:
         threads = torch.get_num_threads()
         if threads == 1:
             return fn(*args, **kwargs)
+        if in_pool():
+            raise RuntimeError(f"{fn.__name__}: a pool worker computes on {threads} torch threads, not 1 (nyxray.execute.runtime sets it)")
         torch.set_num_threads(1)
         try:
             return fn(*args, **kwargs)
