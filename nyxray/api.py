@@ -20,7 +20,8 @@ from .plan.sources import Resolver
 from .plan.stages import Plan, parse_size
 from .plan.stages import plan as make_plan
 from .recipe.parse import Recipe, load_pipeline
-from .run import Ran, Target, balance, needs_math, pipeline_text, run_job, target_report
+from .recipe.sweep import expand
+from .run import Ran, SweepJob, Target, balance, needs_math, pipeline_text, run_job, sweep_text, target_report
 
 
 def _resolver(models: dict[str, str] | None, models_root: str | None, storage_options: dict[str, Any] | None) -> Resolver:
@@ -176,8 +177,23 @@ def release_actors() -> int:
     return release()
 
 
-def sweep(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run a sweep file (see :mod:`nyxray.recipe.sweep`)."""
-    from .run import run_sweep
+def sweep(sweep: str | os.PathLike[str], out: str, *, fail_fast: bool = False, report: str | None = None, **options: Any) -> dict[str, Any]:
+    """Run a sweep file or text (:mod:`nyxray.recipe.sweep`) into ``out`` (member ``M`` at
+    ``out/M``); returns the sweep report.
 
-    return run_sweep(*args, **kwargs)
+    ``options`` are :func:`merge`'s: those of :func:`plan` (``random_seed`` seeds every member's
+    random methods; default: each recipe's, else 0) and the execution and output ones
+    (:class:`~nyxray.execute.execution.Execution`). A member whose recipe is bad is reported in
+    ``failed`` and the others run, unless ``fail_fast``.
+    """
+    started = time.monotonic()
+    planning = dict(_PLAN_DEFAULTS, **{k: options.pop(k) for k in _PLAN_OPTIONS & options.keys()})
+    execution, writes = build(**options)
+    parse_size(planning["out_shard_size"])
+    resolver = _resolver(planning["models"], planning["models_root"], planning["storage_options"])
+    how = (planning["out_shard_size"], planning["allow_crimes"], planning["unsafe_truncate_embeddings"], _seed(planning["random_seed"]))
+    job = SweepJob(expand(*sweep_text(sweep)), out, planning["storage_options"], resolver, how, fail_fast)
+    return run_job(job, execution, writes, report, started)
+
+
+_PLAN_DEFAULTS = {k: p.default for k, p in inspect.signature(plan).parameters.items() if k != "recipe"}

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 from .errors import NyxrayError, OutputError, RecipeError
 from .execute import cpu_capability as cpu_capability_module
 from .execute.choice import Choice, choose
-from .execute.execution import Execution, Writes, build
+from .execute.execution import Execution, Writes
 from .execute.pools import check_device, run_units
 from .execute.progress import Progress
 from .execute.unit import Unit, UnitResult
@@ -30,10 +30,9 @@ from .output.commit import Claim, claim, finalize, inspect, record_shard
 from .output.lease import hold
 from .plan.expr import Leaf, leaf_bytes
 from .plan.sources import Model, Resolver
-from .plan.stages import Plan, StagePlan, parse_size
+from .plan.stages import Plan, StagePlan
 from .plan.stages import plan as make_plan
 from .recipe.parse import Recipe
-from .recipe.sweep import expand
 
 
 @dataclass
@@ -249,36 +248,7 @@ def run_job(job: Job, execution: Execution, writes: Writes, report: str | None, 
     return result
 
 
-def run_sweep(
-    sweep: str,
-    out: str,
-    *,
-    fail_fast: bool = False,
-    out_shard_size: int | str = "5B",
-    models: dict[str, str] | None = None,
-    models_root: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    allow_crimes: bool = False,
-    unsafe_truncate_embeddings: bool = False,
-    report: str | None = None,
-    random_seed: int | None = None,
-    **execution: Any,
-) -> dict[str, Any]:
-    """Run a sweep file into ``out`` (member ``M`` at ``out/M``); returns the sweep report.
-
-    ``random_seed`` seeds every member's random methods (default: each recipe's, else 0). The
-    other keywords are :func:`nyxray.merge`'s execution and output ones (:func:`.execute.execution.build`).
-    """
-    started = time.monotonic()
-    how, writes = build(**execution)
-    parse_size(out_shard_size)
-    resolver = Resolver(dict(models or {}), models_root, dict(storage_options or {}))
-    planning = (out_shard_size, allow_crimes, unsafe_truncate_embeddings, random_seed)
-    job = SweepJob(expand(*_sweep_text(sweep)), out, storage_options, resolver, planning, fail_fast)
-    return run_job(job, how, writes, report, started)
-
-
-def _sweep_text(sweep: str | os.PathLike[str]) -> tuple[str, str]:
+def sweep_text(sweep: str | os.PathLike[str]) -> tuple[str, str]:
     """A sweep's YAML and where it came from: a file's path, or ``<sweep>`` for text."""
     sweep = os.fspath(sweep)
     if "\n" in sweep or not (sweep.endswith((".yml", ".yaml")) or os.path.exists(sweep)):

@@ -147,7 +147,7 @@ def bounded(fn: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
 
 
 def test_nyxray_sweep_stays_the_function():
-    import nyxray.run  # noqa: F401 - what api.sweep does on its first call
+    import nyxray.run  # noqa: F401 - what api.sweep runs on
 
     assert callable(nyxray.sweep)
 
