@@ -106,7 +106,7 @@ def _random_tensors(shape: ModelShape, seed: int, dtype: torch.dtype, norm_jitte
         noise = rng.standard_normal(s)
         if name in base:
             ref = base[name].double().numpy()
-            t = ref + like_noise * (math.fsum(np.abs(ref).ravel().tolist()) / ref.size) * noise
+            t = ref + like_noise * (math.fsum(np.abs(ref).ravel()) / ref.size) * noise
         elif "norm" in name:
             t = 1.0 + norm_jitter * noise
         else:
