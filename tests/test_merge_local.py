@@ -23,6 +23,7 @@ from nyxray.cli import main as cli
 from nyxray.execute.runtime import pool_settings
 from nyxray.methods._slerp import slerp
 from tests.golden import cases as G
+from tests.golden.expected import GOLDEN, UNKNOWN
 from tests.records import finished_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +134,9 @@ def test_units_in_parallel_write_the_bytes_of_one_unit_at_a_time(tmp_path):
     one torch thread for the pool's whole life, whatever the other units do meanwhile."""
     case = G.CASES_BY_NAME["slerp_threads_j1"]
     recipe = G.render_recipe(case, G.build_inputs(str(tmp_path / "models"), [G.BIG_NEAR]), {})
-    golden = json.load(open(os.path.join(os.path.dirname(__file__), "golden", "golden.json")))["cases"][case.name]
+    if UNKNOWN:
+        pytest.skip(UNKNOWN)
+    golden = GOLDEN[case.name]  # mergekit's bytes under this process's CPU kernel set
     one, many = str(tmp_path / "one"), str(tmp_path / "many")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
