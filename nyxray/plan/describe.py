@@ -118,7 +118,8 @@ def report_text(r: dict[str, Any]) -> str:
         + (f", {r['parts_reused']} part(s) of split shards reused" if r.get("parts_reused") else ""),
         f"read {human(r['bytes_read'])} (plan minimum {human(r['bytes_read_min'])} + headers), wrote {human(r['bytes_written'])}, {r['throughput_mb_s']} MB/s",
     ]
-    lines.append(f"executor: {r['executor']['name']} ({r['executor']['why']})")
+    kernels = f"; CPU kernels {r['cpu_capability']}" if r.get("cpu_capability") else ""
+    lines.append(f"executor: {r['executor']['name']} ({r['executor']['why']}){kernels}")
     t = r["timings_s"]
     lines.append(
         f"time: plan {t['plan']:.1f}s, start-up {t['start']:.1f}s, run {t['run']:.1f}s ({r['steady_throughput_mb_s']} MB/s), commit {t['commit']:.1f}s"
