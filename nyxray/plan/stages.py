@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ..errors import ModelError, NyxrayError, RecipeError, did_you_mean
 from ..io.safetensors import ShardEntry, build_header
 from ..methods.registry import METHODS
+from ..recipe.lenient import refuse
 from ..recipe.parameters import filter_matches
 from ..recipe.parse import RECIPE_DTYPES, Recipe, Slice, Source
 from .expr import Leaf, leaves, nbytes_of, shape_of
@@ -198,7 +199,8 @@ def plan_stage(
     slices = _normalise_slices(recipe, models)
     check_slices(recipe, method, slices, models)
     seed = random_seed if random_seed is not None else (recipe.random_seed or 0)
-    st = StageContext(recipe, method, models, _stage_dtype(recipe.dtype), _stage_dtype(recipe.out_dtype), unsafe_truncate_embeddings, seed, [])
+    ignored = [f"{o}: {i.message()}" for i in recipe.ignored]
+    st = StageContext(recipe, method, models, _stage_dtype(recipe.dtype), _stage_dtype(recipe.out_dtype), unsafe_truncate_embeddings, seed, ignored)
     tensors: list[PlannedTensor] = []
     order_inputs: list[list[tuple[str, str]]] = []  # per output, (model, input name): fixes write order
     staged_read = 0
@@ -291,11 +293,15 @@ def plan(
     unsafe_truncate_embeddings: bool = False,
     model_cache: dict[str, Model] | None = None,
     random_seed: int | None = None,
+    strict: bool = False,
 ) -> Plan:
     """Plan a recipe or pipeline: read every source model's headers, then plan each stage.
 
     ``model_cache`` (reference -> Model) lets several plans (a sweep's members) share header reads.
+    ``strict`` refuses keys mergekit ignores (else each is a warning), before anything is read.
     """
+    for recipe in recipes if strict else ():
+        refuse(recipe.ignored, recipe.origin)
     resolver = resolver or Resolver()
     cache = model_cache if model_cache is not None else {}
     size = parse_size(out_shard_size)
