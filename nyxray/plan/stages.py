@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import ModelError, NyxrayError, RecipeError, did_you_mean
@@ -19,7 +20,7 @@ from ..methods.registry import METHODS
 from ..recipe.lenient import refuse
 from ..recipe.parameters import filter_matches
 from ..recipe.parse import RECIPE_DTYPES, Recipe, Slice, Source
-from .expr import Leaf, leaves, nbytes_of, shape_of
+from .expr import Leaf, leaves, nbytes_of, shape_of, signature
 from .sources import Model, Resolver, load_model
 from .tensor import PlannedTensor, StageContext, Want, check_slices, plan_tensor, present_inputs
 from .write_order import write_order
@@ -85,6 +86,13 @@ class StagePlan:
     @property
     def bytes_written(self) -> int:
         return sum(s.size for s in self.shards)
+
+    def content(self) -> Iterator[bytes]:
+        """What this stage writes, as bytes to fingerprint: shard names and headers, every tensor's expression."""
+        for shard in self.shards:
+            yield shard.name.encode() + shard.header
+            for t in shard.tensors:
+                yield f"{t.name}={signature(t.expr)}\n".encode()
 
     def as_model(self) -> Model:
         """This stage's output as an input model of a later stage (expressions, no files)."""
