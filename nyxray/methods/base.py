@@ -198,6 +198,8 @@ class Method:
                 raise ValueError(f"{owner}: {key}={value!r} is not 'module:function'")
         _one_of(owner, "base", self.base, BASE_POLICIES)
         _one_of(owner, "optional_policy", self.optional_policy, OPTIONAL_POLICIES)
+        if self.random and (self.elementwise or self.chunked):
+            raise ValueError(f"{owner}: its draws are made per tensor, in one order: it cannot be computed span by span")
         self._check_params(owner)
         self._check_counts(owner)
         self._check_base_uses(owner)
