@@ -55,8 +55,10 @@ def _elementwise(e: Expr) -> bool:
 
 
 def _chunked(e: Expr) -> bool:
-    method = registry.get(e.method) if isinstance(e, Merge) else None
-    return method is not None and bool(method.chunked) and all(_elementwise(x) for x in e.inputs)  # type: ignore[union-attr]
+    if not isinstance(e, Merge):
+        return False
+    method = registry.get(e.method)
+    return method is not None and bool(method.chunked) and all(_elementwise(x) for x in e.inputs)
 
 
 def restrict(e: Expr, i: int, j: int) -> Expr:
