@@ -6,12 +6,13 @@ function from the catalogue (:mod:`nyxray.methods`; SLERP's kernel is :mod:`nyxr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 
 import torch
 
 from ..methods import registry
-from ..methods.base import Group
+from ..methods.base import ChunkSource, Group
 from ..plan.expr import Cast, Expr, Leaf, Merge
 
 # safetensors dtype name -> torch dtype
@@ -36,7 +37,25 @@ TORCH_DTYPES = {
 
 def evaluate(e: Expr, data: Mapping[tuple, memoryview], device: str = "cpu") -> memoryview:
     """Compute an expression from its leaves' bytes; the result's raw bytes, as safetensors stores them."""
-    flat = _tensor(e, data, device).detach().reshape(-1).contiguous().cpu()
+    return _bytes(_tensor(e, data, device))
+
+
+def merge_chunks(e: Merge, inputs: list[Callable[[], Iterable[tuple[Expr, Mapping]]]], device: str) -> Iterator[memoryview]:
+    """``e`` by its method's chunked form (``Method.chunked``), its output's bytes piece by piece.
+
+    ``inputs[k]()`` starts a pass over input k: its expression restricted to each span in turn
+    with that span's leaf bytes (:mod:`.stream`)."""
+
+    def pieces(passes: Callable[[], Iterable[tuple[Expr, Mapping]]]) -> Iterator[torch.Tensor]:
+        return (_tensor(part, data, device).reshape(1, -1) for part, data in passes())
+
+    sources = [ChunkSource(TORCH_DTYPES[x.dtype], device, partial(pieces, p)) for x, p in zip(e.inputs, inputs)]
+    for out in registry.function(registry.METHODS[e.method], "chunked")(_group(e, sources), TORCH_DTYPES[e.dtype]):
+        yield _bytes(out)
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().reshape(-1).contiguous().cpu()
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
@@ -57,9 +76,13 @@ def _merge(e: Merge, data: Mapping[tuple, memoryview], device: str) -> torch.Ten
     method = registry.METHODS[e.method]
     dtype = TORCH_DTYPES[e.dtype]
     tensors = [_tensor(x, data, device) for x in e.inputs]  # the planner cast them to one dtype
-    generator = torch.Generator().manual_seed(e.seed) if e.seed is not None else None
-    group = Group(tensors, e.base, dict(e.params), {k: list(v) for k, v in e.per_input}, generator)
-    out = registry.function(method)(group)
+    out = registry.function(method)(_group(e, tensors))
     if out.dtype != dtype or out.shape != tensors[0].shape:
         raise TypeError(f"{e.method} returned {out.dtype} {tuple(out.shape)}, expected {dtype} {tuple(tensors[0].shape)}")
     return out
+
+
+def _group(e: Merge, inputs: list) -> Group:
+    """The method's view of ``e``: its inputs (tensors, or chunk sources) and resolved values."""
+    generator = torch.Generator().manual_seed(e.seed) if e.seed is not None else None
+    return Group(inputs, e.base, dict(e.params), {k: list(v) for k, v in e.per_input}, generator)

@@ -3,7 +3,8 @@
 The three steps overlap: a reader pool prefetches the next batches of input ranges (coalesced,
 concurrent) while the current tensors are computed, and a writer thread streams finished tensors
 to storage and hashes them. Memory in flight is bounded by ``PREFETCH`` batches of about
-``BATCH_BYTES`` of inputs plus ``WRITE_QUEUE`` finished tensors, whatever the model's size.
+``BATCH_BYTES`` of inputs plus ``WRITE_QUEUE`` finished tensors (or pieces), whatever the model's
+size: a tensor whose inputs exceed a batch is read, computed and written in spans (:mod:`.stream`).
 The unit is deterministic: a retry writes the same bytes under the same name.
 """
 
@@ -22,6 +23,7 @@ from ..output.parts import PartJob, digest_mismatch
 from ..plan.expr import Expr, Leaf, leaf_bytes, leaves
 from ..plan.stages import ShardPlan
 from ..plan.tensor import PlannedTensor
+from .stream import in_spans, stream_row
 
 BATCH_BYTES = 64 * 2**20
 PREFETCH = 2
@@ -179,32 +181,34 @@ class _ShardStream:
         self.file_hash = hashlib.sha256()  # the only pass over the output bytes besides the write
         self.hash_s = 0.0
         self.tensor_names: list[str] = []
-        self.q: queue.Queue[tuple[str, object] | None] = queue.Queue(maxsize=WRITE_QUEUE)
+        self.q: queue.Queue[tuple[str | None, object] | None] = queue.Queue(maxsize=WRITE_QUEUE)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="nyxray-writer", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
         try:
-            self._write("", self.unit.head)
+            self._emit(self.unit.head)
             while (item := self.q.get()) is not None:
-                self._write(*item)  # type: ignore[arg-type]
+                name, data = item
+                self._emit(data)
+                if name is not None:
+                    self.tensor_names.append(name)
+                if self.on_progress:
+                    self.on_progress(0, len(data))
         except BaseException as e:  # noqa: BLE001 - surfaced by put() / close()
             self.error = e
             while self.q.get() is not None:  # drain so the producer never blocks
                 pass
 
-    def _write(self, name: str, data) -> None:
+    def _emit(self, data) -> None:
         self.writer.write(data)
         t = time.perf_counter()
         self.file_hash.update(data)
         self.hash_s += time.perf_counter() - t
-        if name:
-            self.tensor_names.append(name)
-            if self.on_progress:
-                self.on_progress(0, len(data))
 
-    def put(self, name: str, data: memoryview) -> None:
+    def put(self, name: str | None, data: memoryview) -> None:
+        """Queue a tensor's bytes, or a piece of them: ``name`` with its first piece, None with the next."""
         if self.error:
             raise self.error
         self.q.put((name, data))
@@ -242,17 +246,36 @@ def _compute(expr: Expr, data: dict, device: str) -> memoryview:
 
 
 def _batches(rows: list[list]) -> list[list[list]]:
-    """Group rows (the same tensor position across outputs) into read batches of ~BATCH_BYTES."""
+    """Group rows (the same tensor position across outputs) into read batches of ~BATCH_BYTES; a
+    streamed row (:mod:`.stream`) is a batch of its own, read by its stream, not by the batch reader."""
     out: list[list[list]] = [[]]
     size = 0
     for row in rows:
         n = leaf_bytes(t.expr for t in row)
-        if out[-1] and size + n > BATCH_BYTES:
+        alone = in_spans([t.expr for t in row])
+        if out[-1] and (alone or size + n > BATCH_BYTES or _streamed(out[-1])):
             out.append([])
             size = 0
         out[-1].append(row)
         size += n
     return [b for b in out if b]
+
+
+def _streamed(batch: list[list]) -> bool:
+    return len(batch) == 1 and in_spans([t.expr for t in batch[0]])
+
+
+def _put_batch(outs: list[_ShardStream], batch: list[list], data: dict | None, device: str, on_read: Callable[[int], None]) -> None:
+    """Compute a batch's tensors and queue them for writing: whole, or a streamed row piece by piece."""
+    if data is None:
+        (row,) = batch
+        for k, pieces in enumerate(stream_row([t.expr for t in row], device, on_read)):
+            for stream, t, piece in zip(outs, row, pieces):
+                stream.put(None if k else t.name, piece)
+        return
+    for row in batch:
+        for stream, t in zip(outs, row):
+            stream.put(t.name, _compute(t.expr, data, device))
 
 
 def run_unit(unit: Unit, device: str = "cpu", on_progress: Callable[[int, int], None] | None = None) -> UnitResult:
@@ -267,11 +290,20 @@ def run_unit(unit: Unit, device: str = "cpu", on_progress: Callable[[int, int], 
     results: list[UnitResult | None] = [_reusable(u) for u in members]
     todo = [u for u, r in zip(members, results) if r is None]
     fetched_total = 0
+
+    def read(n: int) -> None:  # a stream's reads, counted in this thread
+        nonlocal fetched_total
+        fetched_total += n
+        if on_progress:
+            on_progress(n, 0)
+
     if todo:
         orders = [u.in_file_order() for u in todo]
         rows = [list(r) for r in zip(*orders)]
 
         def fetch(batch: list[list]) -> dict:
+            if _streamed(batch):
+                return {"data": None, "fetched": 0}  # its stream reads it, span by span
             uniq = list(dict.fromkeys(leaf for row in batch for t in row for leaf in leaves(t.expr)))
             data, fetched = read_ranges([Range(leaf.loc, leaf.file, leaf.start, leaf.end) for leaf in uniq])
             if on_progress:
@@ -290,9 +322,7 @@ def run_unit(unit: Unit, device: str = "cpu", on_progress: Callable[[int, int], 
                     fetched_total += got["fetched"]
                     if i + PREFETCH < len(batches):
                         pending.append(pool.submit(fetch, batches[i + PREFETCH]))
-                    for row in batch:
-                        for stream, t in zip(streams, row):
-                            stream.put(t.name, _compute(t.expr, got["data"], device))
+                    _put_batch(streams, batch, got["data"], device, read)
                     del got
             done = iter(s.commit() for s in streams)
             results = [r if r is not None else next(done) for r in results]

@@ -2,14 +2,18 @@
 
 SLERP treats each tensor as one flat vector. Bit-exactness with mergekit depends on the order of
 the float32 reductions, so the norm and the dot product of a tensor are always computed whole, in
-chunks of 2**20 elements, in one place: never split a tensor's reduction across workers.
+chunks of 2**20 elements, in one place: never split a tensor's reduction across workers. A big
+tensor may come in pieces, one pass at a time (:func:`slerp_chunks`): the reductions are the same.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+
+from .base import ChunkSource
 
 CHUNK = 1 << 20
 EPS = 1e-8
@@ -22,12 +26,20 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype) ->
     Bit for bit what mergekit 0.1.5 computes (run with ``--num-threads 1``): per 2**20-element
     chunk a norm and a dot product, each combined over chunks with one stacked reduction; the
     coefficients as float32 tensors; the output stored chunk by chunk in ``out_dtype``.
+    """
+    (out,) = slerp_chunks(_Chunks.whole(a, "a"), _Chunks.whole(b, "b"), t, out_dtype)  # one piece: the whole tensor
+    return out.reshape(a.shape)
+
+
+def slerp_chunks(fa: _Chunks, fb: _Chunks, t: float, out_dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """:func:`slerp` over inputs given as passes of pieces (:class:`_Chunks`): a pass for the norms,
+    one for the dot product of the normalised inputs (it needs the norms: mergekit divides before
+    it multiplies), then the output, one [1, m] tensor per piece of ``fa``'s last pass.
+
     Every elementwise step writes into this thread's reused buffers (:class:`_Buffers`): a fresh
     4 MiB temporary per step costs more in page faults than the arithmetic itself.
     """
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    buf = _Buffers.get(work, a.device)
-    fa, fb = _Chunks(a, work, buf, "a"), _Chunks(b, work, buf, "b")
+    buf, device = fa.buf, fa.device
 
     def norm(x: _Chunks) -> torch.Tensor:
         parts = [torch.linalg.vector_norm(c, dim=1, keepdim=True) for c in x]
@@ -44,19 +56,26 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype) ->
         torch.div(cb, nb, out=y)
         parts.append(x.mul_(y).sum(dim=1, keepdim=True))
     dot = torch.stack(parts).sum(dim=0).clamp(-1.0, 1.0)
-    tt = torch.tensor([[t]], dtype=work, device=a.device)
+    tt = torch.tensor([[t]], dtype=buf.work, device=device)
     linear = dot.abs() > COLINEAR
     theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    out = torch.empty((1, fa.n), dtype=out_dtype, device=a.device)
-    for (i, j), ca, cb in zip(fa.spans, fa, fb):
-        x, y = buf.scratch(j - i)
-        torch.mul(ca, coef_a, out=x)  # IEEE products and sums commute: same bits as coef_a * ca + ...
-        torch.mul(cb, coef_b, out=y)
-        out[:, i:j] = x.add_(y)
-    return out.reshape(a.shape)
+    for pa, pb in zip(fa.pieces(), fb.pieces()):
+        out = torch.empty((1, pa.n), dtype=out_dtype, device=device)
+        for (i, j), ca, cb in zip(pa.spans, pa, pb):
+            x, y = buf.scratch(j - i)
+            torch.mul(ca, coef_a, out=x)  # IEEE products and sums commute: same bits as coef_a * ca + ...
+            torch.mul(cb, coef_b, out=y)
+            out[:, i:j] = x.add_(y)
+        yield out
+
+
+def chunks_of(source: ChunkSource, name: str) -> _Chunks:
+    """A chunked merge's input (a pass of [1, m] pieces per call) as the kernel iterates it."""
+    work = torch.float64 if source.dtype == torch.float64 else torch.float32
+    return _Chunks(source.chunks, _Buffers.get(work, torch.device(source.device)), name)
 
 
 class _Buffers:
@@ -98,24 +117,46 @@ def free_buffers() -> None:
 
 
 class _Chunks:
-    """A tensor as [1, n] chunks of 2**20 elements in the work dtype.
+    """A tensor as [1, <=2**20] chunks in the work dtype, one pass per iteration.
 
-    SLERP passes over each input three times (norm, dot, mix). Up to ``CACHE_ELEMENTS`` the tensor
-    is converted once, whole, into a reused buffer; bigger tensors are converted chunk by chunk on
-    every pass into a one-chunk buffer, keeping memory at the inputs plus the buffers.
+    ``source()`` starts a pass over the tensor's pieces ([1, m] tensors, m a multiple of 2**20 but
+    the last). SLERP passes over each input three times (norm, dot, mix). A tensor in memory up to
+    ``CACHE_ELEMENTS`` is converted once, whole, into a reused buffer; bigger ones, and pieces read
+    pass by pass, are converted chunk by chunk on every pass into a one-chunk buffer, keeping memory
+    at the inputs (or one piece) plus the buffers.
     """
 
     CACHE_ELEMENTS = 1 << 23
 
-    def __init__(self, x: torch.Tensor, work: torch.dtype, buf: _Buffers, name: str):
-        self.flat, self.buf, self.name = x.reshape(1, -1), buf, name
-        self.n = self.flat.shape[1]
-        self.spans = [(i, min(i + CHUNK, self.n)) for i in range(0, self.n, CHUNK)]
-        self.whole = self.flat if self.flat.dtype == work else None
-        if self.whole is None and self.n <= self.CACHE_ELEMENTS:
-            self.whole = buf.take(name, self.n).copy_(self.flat)
+    def __init__(self, source: Callable[[], Iterable[torch.Tensor]], buf: _Buffers, name: str):
+        self.source, self.buf, self.name = source, buf, name
+        self.device = buf.device
 
-    def __iter__(self):
-        if self.whole is not None:
-            return (self.whole[:, i:j] for i, j in self.spans)
-        return (self.buf.take(self.name + "-chunk", j - i).copy_(self.flat[:, i:j]) for i, j in self.spans)
+    @classmethod
+    def whole(cls, x: torch.Tensor, name: str) -> _Chunks:
+        flat = x.reshape(1, -1)
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        buf = _Buffers.get(work, x.device)
+        if flat.dtype != work and flat.shape[1] <= cls.CACHE_ELEMENTS:
+            flat = buf.take(name, flat.shape[1]).copy_(flat)
+        return cls(lambda: (flat,), buf, name)
+
+    def pieces(self) -> Iterator[_Piece]:
+        """One pass, piece by piece: each iterates its chunks in the work dtype."""
+        return (_Piece(p, self) for p in self.source())
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (c for p in self.pieces() for c in p)
+
+
+class _Piece:
+    """One [1, m] piece of a pass, as [1, <=2**20] chunks in the work dtype (converted on the fly)."""
+
+    def __init__(self, flat: torch.Tensor, of: _Chunks):
+        self.flat, self.of, self.n = flat, of, flat.shape[1]
+        self.spans = [(i, min(i + CHUNK, self.n)) for i in range(0, self.n, CHUNK)]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.flat.dtype == self.of.buf.work:
+            return (self.flat[:, i:j] for i, j in self.spans)
+        return (self.of.buf.take(self.of.name + "-chunk", j - i).copy_(self.flat[:, i:j]) for i, j in self.spans)

@@ -8,7 +8,7 @@ on whatever device the tensors are on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -132,6 +132,17 @@ class Group:
 
 
 @dataclass(frozen=True)
+class ChunkSource:
+    """One input of a chunked merge (:attr:`Method.chunked`): each call of ``chunks`` starts a new
+    pass over the tensor as flat [1, m] pieces in ``dtype`` on ``device``, every m a multiple of
+    2**20 elements but the last's (the unit reads them, or slices them from memory)."""
+
+    dtype: torch.dtype
+    device: torch.device | str
+    chunks: Callable[[], Iterable[torch.Tensor]]
+
+
+@dataclass(frozen=True)
 class Method:
     """A merge method: what a recipe may say to it, and the function that computes a tensor.
 
@@ -164,6 +175,13 @@ class Method:
     # (passthrough's scale): the planner then writes the source bytes as they are, or a cast, and
     # a run of such recipes in their stored dtype needs no math workers.
     copies_unless: str | None = None
+    # Each output element depends only on the inputs' elements at the same position (and on the
+    # parameters): a big tensor is then computed span by span, bit for bit as whole (nyxray.execute.stream).
+    elementwise: bool = False
+    # "module:function" of the math over inputs given as ChunkSource passes, yielding the output in
+    # chunks: for a method whose whole-tensor reductions replay exactly chunk by chunk (SLERP's norms,
+    # then its dot product), so a big tensor never needs its inputs whole in memory.
+    chunked: str = ""
     # The model card says "using <base> as a base" (mergekit's card leaves the base out for SLERP,
     # and the card must read as mergekit's does).
     card_names_base: bool = True
@@ -174,11 +192,14 @@ class Method:
         owner = f"method {self.name!r}"
         if not (isinstance(self.name, str) and self.name.isidentifier() and self.name == self.name.lower()):
             raise ValueError(f"{owner}: a method's name is what recipes write in merge_method:, a lowercase identifier")
-        module, colon, function = self.merge.partition(":")
-        if not (colon and module.isidentifier() and function.isidentifier()):
-            raise ValueError(f"{owner}: merge={self.merge!r} is not 'module:function'")
+        for key, value in [("merge", self.merge)] + ([("chunked", self.chunked)] if self.chunked else []):
+            module, colon, function = value.partition(":")
+            if not (colon and module.isidentifier() and function.isidentifier()):
+                raise ValueError(f"{owner}: {key}={value!r} is not 'module:function'")
         _one_of(owner, "base", self.base, BASE_POLICIES)
         _one_of(owner, "optional_policy", self.optional_policy, OPTIONAL_POLICIES)
+        if self.random and (self.elementwise or self.chunked):
+            raise ValueError(f"{owner}: its draws are made per tensor, in one order: it cannot be computed span by span")
         self._check_params(owner)
         self._check_counts(owner)
         self._check_base_uses(owner)

@@ -56,6 +56,7 @@ def _gta(name: str, pretty: str, consensus: str | None, sparsify: str | None, no
         input_rule=_della_window if sparsify == "della_magprune" else None,
         # with a sign consensus the divisor is the per-element sum of the weights that agree
         divides_by_weight_sum="normalize" if consensus is None else None,
+        elementwise=sparsify is None,  # every sparsification ranks or samples over the whole tensor
     )
 
 
@@ -68,6 +69,7 @@ _ALL = (
         base="ignored",
         max_inputs=1,
         copies_unless="scale",
+        elementwise=True,
     ),
     Method(
         "slerp",
@@ -79,6 +81,7 @@ _ALL = (
         max_inputs=2,
         optional_policy="passthrough_singleton",
         card_names_base=False,
+        chunked="slerp:merge_chunks",
     ),
     Method(
         "linear",
@@ -87,6 +90,7 @@ _ALL = (
         "linear:merge",
         base="ignored",
         divides_by_weight_sum="normalize",
+        elementwise=True,
         reference="https://arxiv.org/abs/2203.05482",
     ),
     _gta("task_arithmetic", "Task Arithmetic", None, None, False, False, "https://arxiv.org/abs/2212.04089"),
@@ -150,6 +154,7 @@ _ALL = (
         min_inputs=2,
         max_inputs=2,
         optional_policy="passthrough_base_singleton",
+        elementwise=True,
         reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     ),
     Method(
@@ -219,8 +224,9 @@ def merge_tensors(name: str, tensors: Sequence[torch.Tensor], base: int | None =
     return function(method)(Group(list(tensors), base, params, per_input, generator))
 
 
-def function(method: Method) -> Callable:
-    """The method's math, imported on first use (``module:function`` under nyxray.methods)."""
-    module, _, attr = method.merge.partition(":")
+def function(method: Method, kind: str = "merge") -> Callable:
+    """The method's math (``kind``: "merge", or "chunked" for its chunked form), imported on first
+    use (``module:function`` under nyxray.methods)."""
+    module, _, attr = getattr(method, kind).partition(":")
     fn = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
     return partial(fn, **dict(method.options)) if method.options else fn
