@@ -90,5 +90,6 @@ def wanted(plans: list[ModulePlan], config: dict, models: dict[str, Model]) -> l
 def set_layer_counts(config: dict, plans: list[ModulePlan]) -> None:
     """The output config's layer count of every module that keeps one there."""
     for plan in plans:
-        if plan.module.layers_key is not None:
-            set_config_value(config, plan.module.layers_key, plan.layers)
+        key = plan.module.config_key(config)
+        if key is not None:
+            set_config_value(config, key, plan.layers)

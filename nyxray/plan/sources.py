@@ -142,6 +142,18 @@ def _safe_file_name(name: Any, where: str) -> str:
     return name
 
 
+def _check_layer_counts(ref: str, loc: Location, arch: Architecture, config: dict, tensors: dict[str, Expr]) -> None:
+    """The planner builds every layer the config claims before it looks for tensors, so a config
+    claiming 10**8 layers would hang it: the last claimed layer of each module must be in the checkpoint."""
+    for m in arch.modules:
+        try:
+            n = m.num_layers(config)
+        except ModelError as e:
+            raise ModelError(f"model {ref!r}: {e}") from None
+        if n and not any(m.layer_name(n - 1, suffix) in tensors for suffix in m.layer_suffixes(n - 1, config)):
+            raise ModelError(f"model {ref!r}: {loc.url('config.json')} says {m.config_key(config)}={n}, but the checkpoint has no tensors of layer {n - 1}")
+
+
 def load_model(ref: str, loc: Location, allow_pickle: bool = False) -> Model:
     """Read a model's config, index and shard headers (no tensor data)."""
     files = loc.listdir()
@@ -195,15 +207,7 @@ def load_model(ref: str, loc: Location, allow_pickle: bool = False) -> Model:
         if absent:
             raise ModelError(f"model {ref!r}: the index lists {absent[0]!r} in {wmap[absent[0]]}, but that shard's header lacks it")
     arch = architecture_of(config, tensors, f"model {ref!r}")
-    # The planner builds every layer the config claims before it looks for tensors, so a config
-    # claiming 10**8 layers would hang it: the last claimed layer must be in the checkpoint.
-    for m in arch.modules:
-        try:
-            n = m.num_layers(config)
-        except ModelError as e:
-            raise ModelError(f"model {ref!r}: {e}") from None
-        if n and not any(m.layer_name(n - 1, suffix) in tensors for suffix in m.layer_suffixes(n - 1, config)):
-            raise ModelError(f"model {ref!r}: {loc.url('config.json')} says {m.layers_key}={n}, but the checkpoint has no tensors of layer {n - 1}")
+    _check_layer_counts(ref, loc, arch, config, tensors)
     canonical, converted = adapt(arch, config, tensors)
     extra = tuple(f for f in TOKENIZER_FILES if f in files)
     return Model(ref, config, arch, canonical, loc, header_bytes, extra, loc, converted)

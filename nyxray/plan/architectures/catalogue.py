@@ -111,7 +111,7 @@ def _prefixed(prefix: str, m: Module, name: str) -> Module:
     )
 
 
-def _moe(parts_key: str, gate_up: tuple[str, str], down: str) -> tuple[tuple[str, Experts], ...]:
+def _moe(parts_key: tuple[str, ...], gate_up: tuple[str, str], down: str) -> tuple[tuple[str, Experts], ...]:
     return (("mlp.experts.gate_up_proj", Experts(gate_up, parts_key)), ("mlp.experts.down_proj", Experts((down,), parts_key)))
 
 
@@ -347,6 +347,7 @@ CATALOGUE: tuple[Architecture, ...] = (
             embeds=("transformer.wte.weight", HEAD),
             tied=(),
             layers="transformer.h",
+            layers_key_alias="num_layers",
         ),
     ),
     _model(
@@ -420,7 +421,7 @@ CATALOGUE: tuple[Architecture, ...] = (
             ("input_layernorm.weight", *_ATTN, "post_attention_layernorm.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
             renamed=(("mlp.gate.weight", "block_sparse_moe.gate.weight"),),
             experts=_moe(
-                "num_local_experts",
+                ("num_local_experts",),
                 ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight"),
                 "block_sparse_moe.experts.{e}.w2.weight",
             ),
@@ -431,7 +432,11 @@ CATALOGUE: tuple[Architecture, ...] = (
         "qwen3_moe",
         decoder(
             ("input_layernorm.weight", "mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight", "post_attention_layernorm.weight", *_QWEN3_ATTN),
-            experts=_moe("num_experts", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), "mlp.experts.{e}.down_proj.weight"),
+            experts=_moe(
+                ("num_experts", "num_local_experts"),  # transformers 5 writes num_local_experts
+                ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
+                "mlp.experts.{e}.down_proj.weight",
+            ),
         ),
     ),
     _model(
@@ -440,7 +445,7 @@ CATALOGUE: tuple[Architecture, ...] = (
         decoder(
             _GLM4_MOE_DENSE,
             optional=_OPTIONAL_QK_NORM_BIAS,
-            experts=_moe("n_routed_experts", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), "mlp.experts.{e}.down_proj.weight"),
+            experts=_moe(("n_routed_experts",), ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), "mlp.experts.{e}.down_proj.weight"),
             moe_layer=_GLM4_MOE_SPARSE,
             moe_from_key="first_k_dense_replace",
         ),

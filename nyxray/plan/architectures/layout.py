@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..expr import Expr, Join, shape_of
-from .record import Architecture, Experts, Module, config_int
+from .record import Architecture, Experts, Module
 
 
 def _experts(m: Module, index: int, spec: Experts, config: dict, tensors: Mapping[str, Expr]) -> Expr | None:
     """The fused tensor of layer ``index``: per expert, its parts end to end; None if a part is missing."""
-    n = config_int(config, spec.count_key)
+    n = spec.count(config)
     parts = [tensors.get(m.layer_name(index, p.format(e=e))) for e in range(n) for p in spec.parts]
     if any(p is None for p in parts):
         return None

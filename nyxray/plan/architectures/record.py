@@ -21,7 +21,11 @@ class Experts:
     are joined along their first dimension, and the experts stacked."""
 
     parts: tuple[str, ...]
-    count_key: str  # the config key of the number of experts
+    count_keys: tuple[str, ...]  # config keys of the number of experts, the first present counts
+
+    def count(self, config: dict) -> int:
+        key = next((k for k in self.count_keys if config_value(config, k) is not None), self.count_keys[0])
+        return config_int(config, key)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Module:
     post: tuple[str, ...]
     layers: str = "model.layers"  # the layer tensors' prefix
     layers_key: str | None = "num_hidden_layers"  # dotted for nested configs; None: ``fixed_layers``
+    layers_key_alias: str | None = None  # read (and written) instead where a config names it so (EXAONE's num_layers)
     fixed_layers: int = 0
     optional: frozenset[str] = frozenset()  # full names (pre/post) or layer suffixes that may be absent
     embeds: frozenset[str] = frozenset()  # vocabulary-indexed tensors (full names)
@@ -49,8 +54,15 @@ class Module:
     def layer_name(self, index: int, suffix: str) -> str:
         return f"{self.layers}.{index}.{suffix}"
 
+    def config_key(self, config: dict) -> str | None:
+        """The key of this module's layer count in ``config`` (None: the module has no key)."""
+        if self.layers_key is not None and self.layers_key_alias is not None and config_value(config, self.layers_key) is None:
+            return self.layers_key_alias
+        return self.layers_key
+
     def num_layers(self, config: dict) -> int:
-        return self.fixed_layers if self.layers_key is None else config_int(config, self.layers_key)
+        key = self.config_key(config)
+        return self.fixed_layers if key is None else config_int(config, key)
 
     def layer_suffixes(self, index: int, config: dict) -> tuple[str, ...]:
         if self.moe_from_key is not None and index >= config_int(config, self.moe_from_key, low=0):
