@@ -142,6 +142,16 @@ def _safe_file_name(name: Any, where: str) -> str:
     return name
 
 
+def _tagalong(arch: Architecture, config: dict) -> tuple[str, ...]:
+    """Files the output carries besides the tokenizer's, as mergekit's does: the architecture's (a
+    multimodal processor's config), and the module of a remote-code config class (transformers
+    writes it next to the config it saves, and the config's ``auto_map`` names it)."""
+    auto_map = config.get("auto_map")
+    ref = auto_map.get("AutoConfig") if isinstance(auto_map, dict) else None
+    code = (ref.split("--")[-1].rsplit(".", 1)[0] + ".py",) if isinstance(ref, str) and "." in ref else ()
+    return arch.tagalong + code
+
+
 def _check_layer_counts(ref: str, loc: Location, arch: Architecture, config: dict, tensors: dict[str, Expr]) -> None:
     """The planner builds every layer the config claims before it looks for tensors, so a config
     claiming 10**8 layers would hang it: the last claimed layer of each module must be in the checkpoint."""
@@ -209,5 +219,5 @@ def load_model(ref: str, loc: Location, allow_pickle: bool = False) -> Model:
     arch = architecture_of(config, tensors, f"model {ref!r}")
     _check_layer_counts(ref, loc, arch, config, tensors)
     canonical, converted = adapt(arch, config, tensors)
-    extra = tuple(f for f in TOKENIZER_FILES if f in files)
+    extra = tuple(f for f in (*TOKENIZER_FILES, *_tagalong(arch, config)) if f in files)
     return Model(ref, config, arch, canonical, loc, header_bytes, extra, loc, converted)

@@ -86,9 +86,12 @@ def decoder(
     return Module("decoder", pre, layer, post, optional=frozenset(optional + tied_optional), embeds=frozenset(embeds), tied=tied, **fields)
 
 
+_PROCESSOR = ("preprocessor_config.json", "processor_config.json")
+
+
 def _model(names: str | tuple[str, ...], model_type: str, *modules: Module) -> Architecture:
     names = (names,) if isinstance(names, str) else names
-    return Architecture(names[0], modules, model_type, names=names)
+    return Architecture(names[0], modules, model_type, names=names, tagalong=_PROCESSOR if len(modules) > 1 else ())
 
 
 def _prefixed(prefix: str, m: Module, name: str) -> Module:

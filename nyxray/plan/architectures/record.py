@@ -83,6 +83,7 @@ class Architecture:
     model_type: str | None = None  # tells apart two records of one name (PhiForCausalLM)
     inferred: bool = False  # built by inference from tensor names, not declared
     names: tuple[str, ...] = field(default=())  # every name it answers to (``name`` first)
+    tagalong: tuple[str, ...] = ()  # files besides the tokenizer's that the output carries (a processor's config)
 
     @property
     def text(self) -> Module:
