@@ -16,7 +16,7 @@ import os
 import pytest
 
 import nyxray
-from nyxray.errors import ModelError
+from nyxray.errors import ModelError, NyxrayError
 from nyxray.execute import cpu_capability
 from nyxray.plan.architectures import CATALOGUE
 from tests.golden import families as F
@@ -106,3 +106,28 @@ def test_every_declared_family_has_a_golden_case():
     declared = {a.model_type for a in CATALOGUE}
     built = {json.loads(GOLDEN["layouts"][f.name]["config_text"])["model_type"] for f in F.FAMILIES}
     assert declared <= built
+
+
+def test_a_slices_recipe_on_a_multimodal_model_is_refused(family_inputs):
+    """mergekit needs its modules: syntax to slice a model of several modules; nyxray says which modules."""
+    _, models = family_inputs
+    recipe = F._STACK.format(f="gemma3_vl").replace("<<model:gemma3_vl/a>>", models["gemma3_vl/a"]).replace("<<model:gemma3_vl/b>>", models["gemma3_vl/b"])
+    with pytest.raises(ModelError, match=r"several modules \(text_decoder, multi_modal_projector, vision_tower\).*models:"):
+        nyxray.plan(recipe)
+
+
+def test_an_undeclared_model_without_a_layer_pattern_is_refused(family_inputs, tmp_path):
+    _, models = family_inputs
+    src = models["llama/a"]
+    dst = tmp_path / "flat"
+    dst.mkdir()
+    with open(os.path.join(src, "config.json")) as fh:
+        config = json.load(fh)
+    config["architectures"] = ["FlatForCausalLM"]
+    (dst / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    flat = {k: v for f in os.listdir(src) if f.endswith(".safetensors") for k, v in load_file(os.path.join(src, f)).items() if ".layers." not in k}
+    save_file(flat, str(dst / "model.safetensors"))
+    with pytest.raises(NyxrayError, match=r"'FlatForCausalLM' is not in nyxray's catalogue.*<prefix>.<N>.<suffix>"):
+        nyxray.plan(f"models:\n  - model: {dst}\nmerge_method: passthrough\n")

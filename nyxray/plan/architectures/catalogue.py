@@ -175,13 +175,7 @@ _STABLELM2 = (
     "mlp.up_proj.weight",
     "post_attention_layernorm.weight",
     "post_attention_layernorm.bias",
-    "self_attn.q_proj.weight",
-    "self_attn.q_proj.bias",
-    "self_attn.k_proj.weight",
-    "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight",
-    "self_attn.v_proj.bias",
-    "self_attn.o_proj.weight",
+    *_GLM4_ATTN,
 )
 _STARCODER2 = tuple(
     f"{block}.{kind}"
