@@ -38,10 +38,13 @@ def plan(
     allow_crimes: bool = False,
     unsafe_truncate_embeddings: bool = False,
     random_seed: int | None = None,
+    strict: bool = False,
 ) -> Plan:
     """Plan a recipe (a path, YAML text, or parsed recipes) from model headers alone.
 
     ``random_seed`` seeds random methods (DARE, DELLA); default: the recipe's ``random_seed``, else 0.
+    Keys mergekit 0.1.5 ignores (a typo such as ``dype:``, ``metadata:``) are ignored too, each
+    with a warning in the plan (did-you-mean included); ``strict`` makes them errors.
 
     Raises :class:`~nyxray.errors.NyxrayError` subclasses naming the culprit for any recipe or
     model problem; reads no tensor data and writes nothing.
@@ -49,7 +52,13 @@ def plan(
     parse_size(out_shard_size)
     recipes = load_pipeline(recipe)
     return make_plan(
-        recipes, _resolver(models, models_root, storage_options), out_shard_size, allow_crimes, unsafe_truncate_embeddings, random_seed=_seed(random_seed)
+        recipes,
+        _resolver(models, models_root, storage_options),
+        out_shard_size,
+        allow_crimes,
+        unsafe_truncate_embeddings,
+        random_seed=_seed(random_seed),
+        strict=strict,
     )
 
 
@@ -85,6 +94,7 @@ def merge(
     report: str | None = None,
     random_seed: int | None = None,
     cpu_capability: str | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Merge ``recipe`` into ``out`` (a local path or any fsspec URL) and return the run report.
 
@@ -94,7 +104,8 @@ def merge(
     are kept. How the merge runs (``executor``, ``device``, ``address``, ``actors``,
     ``actor_cpus``, ``actor_gpus``, ``keep_actors``, ``unit_size``, ``cpu_capability``,
     ``progress``) is one :class:`~nyxray.execute.execution.Execution`, documented there.
-    ``random_seed`` seeds random methods (DARE, DELLA): see :func:`plan`.
+    ``random_seed`` seeds random methods (DARE, DELLA) and ``strict`` refuses keys mergekit
+    ignores: see :func:`plan`.
 
     The report has ``wall_s``, ``timings_s`` (plan, start, run, commit), ``throughput_mb_s``
     (bytes read and written per second of wall time), ``steady_throughput_mb_s`` (the same per
@@ -191,7 +202,7 @@ def sweep(sweep: str | os.PathLike[str], out: str, *, fail_fast: bool = False, r
     execution, writes = build(**options)
     parse_size(planning["out_shard_size"])
     resolver = _resolver(planning["models"], planning["models_root"], planning["storage_options"])
-    how = (planning["out_shard_size"], planning["allow_crimes"], planning["unsafe_truncate_embeddings"], _seed(planning["random_seed"]))
+    how = (planning["out_shard_size"], planning["allow_crimes"], planning["unsafe_truncate_embeddings"], _seed(planning["random_seed"]), planning["strict"])
     job = SweepJob(expand(*sweep_text(sweep)), out, planning["storage_options"], resolver, how, fail_fast)
     return run_job(job, execution, writes, report, started)
 

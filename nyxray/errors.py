@@ -13,7 +13,7 @@ class RecipeError(NyxrayError):
     """The recipe is invalid. ``path`` is the key path, e.g. ``slices[1].sources[0].layer_range``."""
 
     def __init__(self, path: str, message: str, source: str | None = None):
-        self.path = path
+        self.path, self.detail = path, message
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{path}: {message}" if path else f"{where}{message}")
 

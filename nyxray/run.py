@@ -28,11 +28,13 @@ from .methods.registry import METHODS
 from .output.assemble import Assemblies
 from .output.commit import Claim, claim, finalize, inspect, record_shard
 from .output.lease import hold
+from .plan.distinct import check_axes, same_models
 from .plan.expr import Leaf, leaf_bytes
 from .plan.sources import Model, Resolver
 from .plan.stages import Plan, StagePlan
 from .plan.stages import plan as make_plan
 from .recipe.parse import Recipe
+from .recipe.sweep import Sweep
 
 
 @dataclass
@@ -263,37 +265,43 @@ def sweep_text(sweep: str | os.PathLike[str]) -> tuple[str, str]:
 @dataclass
 class SweepJob:
     """A sweep for :func:`run_job`: every member planned (a bad one noted, or fatal with
-    ``fail_fast``), one target per member at ``out/<member>``, reads shared between members."""
+    ``fail_fast``), one target per distinct model at ``out/<member>`` (a member whose plan is another's
+    is reported as that one, and a grid axis that changes nothing is refused), reads shared between
+    members."""
 
-    members: dict[str, list[Recipe] | NyxrayError]
+    sweep: Sweep
     out: str
     storage_options: dict[str, Any] | None
     resolver: Resolver
-    planning: tuple  # out_shard_size, allow_crimes, unsafe_truncate_embeddings, random_seed
+    planning: tuple  # out_shard_size, allow_crimes, unsafe_truncate_embeddings, random_seed, strict
     fail_fast: bool
     share_reads: bool = True
     cache: dict[str, Model] = field(default_factory=dict)
     plans: dict[str, Plan] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    same: dict[str, str] = field(default_factory=dict)  # member -> the member whose model it is
     targets: dict[str, Target] = field(default_factory=dict)
     root: Location = field(init=False)
 
     def needs_math(self) -> bool:
-        return needs_math([r for rs in self.members.values() if not isinstance(rs, NyxrayError) for r in rs])
+        return needs_math([r for rs in self.sweep.members.values() if not isinstance(rs, NyxrayError) for r in rs])
 
     def plan(self) -> list[Target]:
-        shard_size, crimes, truncate, seed = self.planning
-        for name, recipes in self.members.items():
+        shard_size, crimes, truncate, seed, strict = self.planning
+        for name, recipes in self.sweep.members.items():
             try:
                 if isinstance(recipes, NyxrayError):
                     raise recipes
-                self.plans[name] = make_plan(recipes, self.resolver, shard_size, crimes, truncate, model_cache=self.cache, random_seed=seed)
+                self.plans[name] = make_plan(recipes, self.resolver, shard_size, crimes, truncate, model_cache=self.cache, random_seed=seed, strict=strict)
             except NyxrayError as e:
                 if self.fail_fast:
                     raise NyxrayError(f"sweep member {name!r}: {e}") from None
                 self.failed[name] = str(e)
+        self.same = same_models(self.plans)
+        check_axes(self.sweep.points, self.plans, self.same, self.sweep.origin)
         self.root = location(self.out, self.storage_options)
-        self.targets = {name: Target(self.root.child(name), p.final, pipeline_text(self.members[name])) for name, p in self.plans.items()}  # type: ignore[arg-type]
+        distinct = {name: p for name, p in self.plans.items() if name not in self.same}
+        self.targets = {name: Target(self.root.child(name), p.final, pipeline_text(self.sweep.members[name])) for name, p in distinct.items()}  # type: ignore[arg-type]
         return list(self.targets.values())
 
     def report(self, ran: Ran, wall_s: float, plan_s: float) -> dict[str, Any]:
@@ -307,6 +315,7 @@ class SweepJob:
             "bytes_written": sum(r["bytes_written"] for r in members.values()),
             "timings_s": {"plan": round(plan_s, 3), **ran.timings},
             "members": members,
+            "same_as": self.same,
             "failed": self.failed,
             "executor": ran.executor,
             "actors": ran.workers,

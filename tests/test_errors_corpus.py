@@ -135,7 +135,6 @@ RECIPE_CASES = {
         ["parameters.t", "missing required parameter t for model.embed_tokens.weight"],
     ),
     "unknown merge method": (slerp().replace("merge_method: slerp", "merge_method: lineer"), ["merge_method", "'lineer'", "did you mean 'linear'"]),
-    "misspelt key": (slerp().replace("dtype:", "dtpye:"), ["dtpye", "did you mean 'dtype'"]),
     "t per source": (
         slerp().replace("      - model: b\n", "      - model: b\n        parameters: {t: 0.2}\n"),
         ["slices[0].sources[1].parameters.t", "not per source"],
@@ -154,6 +153,16 @@ RECIPE_CASES = {
 def test_recipe_errors(case, capsys, tmp_path, root):
     text, culprits = RECIPE_CASES[case]
     merge_fails(capsys, tmp_path, recipe(tmp_path, text), root, "r.yml", *culprits)
+
+
+def test_a_misspelt_key_is_a_warning_and_strict_refuses_it(capsys, tmp_path, root):
+    """mergekit ignores unknown keys, so a merge goes on, naming the key; --strict refuses it."""
+    path = recipe(tmp_path, slerp().replace("dtype:", "dtpye:"))
+    merge_fails(capsys, tmp_path, path, root, "r.yml", "dtpye", "did you mean 'dtype'", "strict", extra=("--strict",))
+    capsys.readouterr()
+    assert cli.main(["merge", path, str(tmp_path / "lenient"), "--executor", "local", "--quiet", "--models-root", root]) == 0
+    summary = capsys.readouterr().out
+    assert "r.yml: dtpye: unknown key" in summary and "did you mean 'dtype'" in summary, summary
 
 
 def test_plan_command_reports_the_same(capsys, tmp_path, root):

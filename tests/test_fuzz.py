@@ -509,7 +509,7 @@ def test_well_formed_sweeps_expand_to_one_member_per_grid_point(empty_cwd, doc, 
         part.pop("parameters", None)
         for src in part.get("sources", []):
             src.pop("parameters", None)
-    members = expand(yaml.safe_dump({"base": doc, "grid": {"parameters.t": ts}}, sort_keys=False), "sweep.yml")
+    members = expand(yaml.safe_dump({"base": doc, "grid": {"parameters.t": ts}}, sort_keys=False), "sweep.yml").members
     assert len(members) == len(ts), members
     assert all(isinstance(m, list) for m in members.values()), members
     assert sorted(r.parameters["t"] for [r] in members.values()) == sorted(ts)

@@ -572,3 +572,71 @@ def test_sweep_submitted_as_a_ray_job(ray_head, nyxene_sources, local_sweep, tmp
     assert sorted(os.listdir(out)) == NAMES
     for name in NAMES:
         assert digests(os.path.join(out, name)) == digests(os.path.join(local_out, name)), name
+
+
+# -- axes that change nothing, members that are the same model -------------------------------------
+
+TIES_BASE = """\
+models:
+  - model: base
+  - model: ft1
+    parameters: {weight: 0.5, density: 0.5}
+  - model: ft2
+    parameters: {weight: 0.7, density: 0.5}
+  - model: ft3
+    parameters: {weight: 0.4, density: 0.5}
+merge_method: ties
+base_model: base
+dtype: bfloat16
+"""
+
+
+@pytest.fixture(scope="module")
+def ties_models(tmp_path_factory) -> str:
+    from nyxray.demo.synthetic import ModelShape, make_model
+
+    root = tmp_path_factory.mktemp("ties-models")
+    shape = ModelShape(hidden=32, intermediate=64, layers=2, vocab=256)
+    make_model(str(root / "base"), shape, seed=5, shard_bytes=10**9)
+    for i in (1, 2, 3):
+        make_model(str(root / f"ft{i}"), shape, seed=5 + i, shard_bytes=10**9, like=str(root / "base"), like_noise=0.03)
+    return str(root)
+
+
+def test_an_axis_every_tensor_overrides_is_refused_naming_the_overrides(ties_models, tmp_path):
+    """The issue's sweep: the top-level density loses to each model's own for every tensor, so its
+    three values write the same model; refused at plan time, before anything is written."""
+    doc = {"base": yaml.safe_load(TIES_BASE), "grid": {"parameters.density": [0.3, 0.5, 0.7], "models[1].parameters.weight": [0.5, 1.0]}}
+    out = tmp_path / "out"
+    e = pytest.raises(RecipeError, nyxray.sweep, yaml.safe_dump(doc), str(out), models_root=ties_models, progress=False, executor="local").value
+    assert e.path == "grid.parameters.density" and "changes nothing" in str(e)
+    assert "models[1..3].parameters.density" in str(e), str(e)
+    assert not out.exists()
+    # the other axis is live: without the dead one, two distinct models
+    del doc["grid"]["parameters.density"]
+    report = nyxray.sweep(yaml.safe_dump(doc), str(out), models_root=ties_models, progress=False, executor="local")
+    assert sorted(report["members"]) == ["models1weight=0.5", "models1weight=1.0"] and report["same_as"] == {}
+
+
+def test_members_with_the_same_plan_are_merged_once(ties_models, tmp_path):
+    """Two members spelling the same merge differently (a default written out) are one model."""
+    same = TIES_BASE.replace("merge_method: ties", "merge_method: ties\nparameters: {normalize: true}")
+    other = TIES_BASE.replace("weight: 0.4", "weight: 0.9")
+    doc = {
+        "members": [
+            {"name": "a", "recipe": yaml.safe_load(TIES_BASE)},
+            {"name": "b", "recipe": yaml.safe_load(same)},
+            {"name": "c", "recipe": yaml.safe_load(other)},
+        ]
+    }
+    out = tmp_path / "out"
+    report = nyxray.sweep(yaml.safe_dump(doc), str(out), models_root=ties_models, progress=False, executor="local")
+    assert report["same_as"] == {"b": "a"} and sorted(report["members"]) == ["a", "c"]
+    assert sorted(os.listdir(out)) == ["a", "c"]
+    alone = tmp_path / "alone"
+    nyxray.merge(same, str(alone), models_root=ties_models, progress=False, executor="local")
+    assert _shard_hashes(str(alone)) == _shard_hashes(str(out / "a"))
+
+
+def _shard_hashes(path: str) -> dict[str, str]:
+    return {f: hashlib.sha256(open(os.path.join(path, f), "rb").read()).hexdigest() for f in os.listdir(path) if f.endswith(".safetensors")}

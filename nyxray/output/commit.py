@@ -28,7 +28,6 @@ from .. import __version__
 from ..errors import NyxrayError, OutputError, StorageError
 from ..io.location import Location
 from ..methods.registry import METHODS
-from ..plan.expr import signature
 from ..plan.stages import StagePlan
 from .assemble import recorded_uploads
 from .lease import LEASE
@@ -43,10 +42,8 @@ INDEX = "model.safetensors.index.json"
 def plan_id(stage: StagePlan) -> str:
     """A fingerprint of exactly what a stage writes: shard headers and every tensor's expression."""
     h = hashlib.sha256(f"nyxray-plan-v2\n{stage.recipe.sha256}\n".encode())
-    for shard in stage.shards:
-        h.update(shard.name.encode() + shard.header)
-        for t in shard.tensors:
-            h.update(f"{t.name}={signature(t.expr)}\n".encode())
+    for chunk in stage.content():
+        h.update(chunk)
     return h.hexdigest()
 
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import NyxrayError, RecipeError, did_you_mean
 from ..io.safetensors import ShardEntry, build_header
 from ..methods.registry import METHODS
+from ..recipe.lenient import refuse
 from ..recipe.parameters import filter_matches
 from ..recipe.parse import RECIPE_DTYPES, Recipe, Slice
 from .architectures import stage_architecture
-from .expr import Leaf, leaves, nbytes_of, shape_of
+from .expr import Leaf, leaves, nbytes_of, shape_of, signature
 from .modules import module_slices, set_layer_counts, wanted
 from .sources import Model, Resolver, load_model
 from .tensor import PlannedTensor, StageContext, check_slices, plan_tensor, present_inputs
@@ -86,6 +88,13 @@ class StagePlan:
     @property
     def bytes_written(self) -> int:
         return sum(s.size for s in self.shards)
+
+    def content(self) -> Iterator[bytes]:
+        """What this stage writes, as bytes to fingerprint: shard names and headers, every tensor's expression."""
+        for shard in self.shards:
+            yield shard.name.encode() + shard.header
+            for t in shard.tensors:
+                yield f"{t.name}={signature(t.expr)}\n".encode()
 
     def as_model(self) -> Model:
         """This stage's output as an input model of a later stage (expressions, no files)."""
@@ -172,7 +181,8 @@ def plan_stage(
     plans = module_slices(recipe, arch, models)
     check_slices(recipe, method, plans[0].slices, models)
     seed = random_seed if random_seed is not None else (recipe.random_seed or 0)
-    st = StageContext(recipe, method, models, _stage_dtype(recipe.dtype), _stage_dtype(recipe.out_dtype), unsafe_truncate_embeddings, seed, [])
+    ignored = [f"{recipe.origin}: {i.message()}" for i in recipe.ignored]
+    st = StageContext(recipe, method, models, _stage_dtype(recipe.dtype), _stage_dtype(recipe.out_dtype), unsafe_truncate_embeddings, seed, ignored)
     donor = models[donor_ref]
     config = copy.deepcopy(donor.config)
     tensors: list[PlannedTensor] = []
@@ -264,11 +274,15 @@ def plan(
     unsafe_truncate_embeddings: bool = False,
     model_cache: dict[str, Model] | None = None,
     random_seed: int | None = None,
+    strict: bool = False,
 ) -> Plan:
     """Plan a recipe or pipeline: read every source model's headers, then plan each stage.
 
     ``model_cache`` (reference -> Model) lets several plans (a sweep's members) share header reads.
+    ``strict`` refuses keys mergekit ignores (else each is a warning), before anything is read.
     """
+    for recipe in recipes if strict else ():
+        refuse(recipe.ignored, recipe.origin)
     resolver = resolver or Resolver()
     cache = model_cache if model_cache is not None else {}
     size = parse_size(out_shard_size)

@@ -1,8 +1,9 @@
 """mergekit YAML recipes -> typed, validated objects. Every rule of the recipe format lives here.
 
-Stricter than mergekit: unknown or misspelt keys, wrong types, reversed layer ranges and
-unsupported features are errors that name the key path (``slices[1].sources[0].layer_range``),
-raised before any model is opened. A file may hold several ``---``-separated documents: a
+Keys mergekit 0.1.5 ignores are set aside first and recorded on the recipe (:mod:`.lenient`);
+everything else mergekit would refuse, and more (wrong types, reversed layer ranges, unsupported
+features), is an error that names the key path (``slices[1].sources[0].layer_range``), raised
+before any model is opened. A file may hold several ``---``-separated documents: a
 pipeline of named stages (mergekit-multi's format), see :func:`parse_pipeline`.
 """
 
@@ -20,20 +21,16 @@ import yaml
 from ..errors import RecipeError, did_you_mean
 from ..io.safetensors import RECIPE_DTYPES
 from ..methods.registry import METHODS, unknown_method_hint
+from .lenient import Ignored, set_aside
 
 Scalar = float | int | bool | str
 # A setting as written: a scalar, a gradient list, or a list of {filter, value} conditionals.
 Setting = Any
 
-TOP_KEYS = ("name", "merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "random_seed")
-SLICE_KEYS = ("sources", "base_model", "parameters")
-SOURCE_KEYS = ("model", "layer_range", "parameters")
-MODEL_KEYS = ("model", "parameters")
 UNSUPPORTED = {
     "modules": "multi-module architectures are not supported; use slices:",
     "tokenizer": "building a tokenizer (tokenizer:) is not supported; use tokenizer_source: base or a model",
     "chat_template": "chat_template is not supported; the donor's tokenizer files are copied as they are",
-    "residual_weight": "residual_weight is not supported",
 }
 
 
@@ -73,6 +70,7 @@ class Recipe:
     text: str
     origin: str
     random_seed: int | None = None  # seeds random methods (DARE, DELLA); --random-seed overrides it
+    ignored: tuple[Ignored, ...] = ()  # keys mergekit ignores, set aside: warnings, or errors when strict
 
     @property
     def sha256(self) -> str:
@@ -89,15 +87,13 @@ class Recipe:
         return list(dict.fromkeys(refs))
 
 
-def _check_keys(node: Any, allowed: tuple[str, ...], path: str, origin: str) -> dict:
+def _check_keys(node: Any, path: str, origin: str) -> dict:
+    """``node`` is a mapping without keys nyxray refuses (unknown ones were set aside before)."""
     if not isinstance(node, dict):
         raise RecipeError(path or "recipe", f"expected a mapping, got {type(node).__name__}", origin)
     for key in node:
-        sub = f"{path}.{key}" if path else str(key)
         if key in UNSUPPORTED:
-            raise RecipeError(sub, UNSUPPORTED[key], origin)
-        if key not in allowed:
-            raise RecipeError(sub, f"unknown key{did_you_mean(str(key), allowed)}", origin)
+            raise RecipeError(f"{path}.{key}" if path else str(key), UNSUPPORTED[key], origin)
     return node
 
 
@@ -131,7 +127,7 @@ def _setting(value: Any, path: str, origin: str) -> Setting:
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         for i, cond in enumerate(value):
             p = f"{path}[{i}]"
-            _check_keys(cond, ("filter", "value"), p, origin)
+            _check_keys(cond, p, origin)
             if "value" not in cond:
                 raise RecipeError(p, "a conditional needs a value:", origin)
             if "filter" in cond and not isinstance(cond["filter"], str):
@@ -194,14 +190,14 @@ def _optional_ref(node: dict, key: str, path: str, origin: str) -> str | None:
     return _model_ref(node[key], path, origin) if node.get(key) is not None else None
 
 
-def _entries(raw: Any, path: str, keys: tuple[str, ...], origin: str) -> Iterator[tuple[str, dict]]:
+def _entries(raw: Any, path: str, origin: str) -> Iterator[tuple[str, dict]]:
     """Each mapping of the non-empty list at ``path`` with its key path, its keys checked. Lazily:
     an entry is checked only once the one before it is fully parsed, so the first error in the
     file is the one reported."""
     if not isinstance(raw, list) or not raw:
         raise RecipeError(path, "must be a non-empty list", origin)
     for i, node in enumerate(raw):
-        yield f"{path}[{i}]", _check_keys(node, keys, f"{path}[{i}]", origin)
+        yield f"{path}[{i}]", _check_keys(node, f"{path}[{i}]", origin)
 
 
 def _source(src: dict, method: str, path: str, origin: str) -> Source:
@@ -220,8 +216,8 @@ def _source(src: dict, method: str, path: str, origin: str) -> Source:
 
 def _slices(raw: Any, method: str, origin: str) -> tuple[Slice, ...]:
     out = []
-    for sp, s in _entries(raw, "slices", SLICE_KEYS, origin):
-        sources = tuple(_source(src, method, p, origin) for p, src in _entries(s.get("sources"), f"{sp}.sources", SOURCE_KEYS, origin))
+    for sp, s in _entries(raw, "slices", origin):
+        sources = tuple(_source(src, method, p, origin) for p, src in _entries(s.get("sources"), f"{sp}.sources", origin))
         sbase = _optional_ref(s, "base_model", f"{sp}.base_model", origin)
         out.append(Slice(sources, sbase, _parameters(s.get("parameters"), method, "slice", f"{sp}.parameters", origin), sp))
     return tuple(out)
@@ -229,7 +225,7 @@ def _slices(raw: Any, method: str, origin: str) -> tuple[Slice, ...]:
 
 def _models(raw: Any, method: str, origin: str) -> tuple[Source, ...]:
     ms = []
-    for p, m in _entries(raw, "models", MODEL_KEYS, origin):
+    for p, m in _entries(raw, "models", origin):
         if "model" not in m:
             raise RecipeError(f"{p}.model", "is required", origin)
         ms.append(Source(_model_ref(m["model"], f"{p}.model", origin), None, _parameters(m.get("parameters"), method, "source", f"{p}.parameters", origin), p))
@@ -272,9 +268,22 @@ def _stage_name(name: Any, origin: str) -> str | None:
 def parse_recipe(doc: Any, text: str, origin: str = "<recipe>") -> Recipe:
     """Validate one parsed YAML document; ``text`` is its source, kept for the model card.
 
-    The checks run in the order of the helpers below: which error a recipe with several gets is
+    Keys mergekit ignores are set aside first; an error the recipe then has names them too, since
+    a misspelt key (``merge_methd``) is the likely cause of a missing one."""
+    doc, ignored = set_aside(doc)
+    try:
+        return _parse(doc, text, origin, ignored)
+    except RecipeError as e:
+        if not ignored:
+            raise
+        aside = "; ".join(i.message() for i in ignored)
+        raise RecipeError(e.path, f"{e.detail} [{aside}]", origin) from None
+
+
+def _parse(doc: Any, text: str, origin: str, ignored: tuple[Ignored, ...]) -> Recipe:
+    """The checks run in the order of the helpers below: which error a recipe with several gets is
     part of the error corpus."""
-    _check_keys(doc, TOP_KEYS, "", origin)
+    _check_keys(doc, "", origin)
     method = _method(doc.get("merge_method"), origin)
     has = [k for k in ("slices", "models") if doc.get(k) is not None]
     if len(has) != 1:
@@ -296,6 +305,7 @@ def parse_recipe(doc: Any, text: str, origin: str = "<recipe>") -> Recipe:
         out_dtype=_dtype(doc.get("out_dtype"), "out_dtype", origin),
         text=text,
         origin=origin,
+        ignored=ignored,
     )
 
 

@@ -18,6 +18,7 @@ import copy
 import itertools
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -133,8 +134,17 @@ def _member_recipe(spec: Any, base_dir: str, where: str) -> list[Recipe]:
     raise RecipeError(where, "a member recipe is a path, YAML text or a mapping")
 
 
-def expand(text: str, origin: str = "<sweep>") -> dict[str, list[Recipe] | NyxrayError]:
-    """Sweep YAML -> member name -> its recipes (or the error that makes the member invalid)."""
+@dataclass(frozen=True)
+class Sweep:
+    """A sweep file, expanded."""
+
+    members: dict[str, list[Recipe] | NyxrayError]  # name -> its recipes, or what makes it invalid
+    points: dict[str, tuple[tuple[str, Any], ...]]  # grid member -> (axis, value) per axis, in grid order
+    origin: str
+
+
+def expand(text: str, origin: str = "<sweep>") -> Sweep:
+    """Sweep YAML -> its members (each member's recipes, or the error that makes it invalid)."""
     try:
         doc = yaml.load(text, Loader=_StrictLoader)
     except YAML_FAILURES as e:
@@ -146,6 +156,7 @@ def expand(text: str, origin: str = "<sweep>") -> dict[str, list[Recipe] | Nyxra
             raise RecipeError(str(key), f"unknown sweep key{did_you_mean(str(key), SWEEP_KEYS)}", origin)
     base_dir = os.path.dirname(os.path.abspath(origin)) if os.path.exists(origin) else os.getcwd()
     members: dict[str, list[Recipe] | NyxrayError] = {}
+    points: dict[str, tuple[tuple[str, Any], ...]] = {}
 
     def add(name: str, where: str, make: Any) -> None:
         if name in members:
@@ -189,6 +200,7 @@ def expand(text: str, origin: str = "<sweep>") -> dict[str, list[Recipe] | Nyxra
                 return [parse_recipe(doc_i, yaml.safe_dump(doc_i, sort_keys=False), f"{origin} grid {label}")]
 
             add(name, f"grid ({label})", make)
+            points[name] = tuple(zip(axes, values))
     if not members:
         raise RecipeError("members", "the sweep has no members", origin)
-    return members
+    return Sweep(members, points, origin)

@@ -409,6 +409,38 @@ dtype: bfloat16
         )
         for j in (1, 2, 4)
     ),
+    Case(
+        name="ignored_keys",
+        description=(
+            "keys mergekit ignores: a misspelt dtype (so the bf16 inputs stay bf16), metadata:, a source's "
+            "revision:, a slice's residual_weight (read, never used) and a conditional's extra key"
+        ),
+        recipe=f"""\
+slices:
+  - residual_weight: 0.3
+    sources:
+      - model: <<model:{UNA}>>
+        layer_range: [0, 6]
+        revision: main
+      - model: <<model:{LOYAL}>>
+        layer_range: [2, 8]
+merge_method: slerp
+base_model: <<model:{UNA}>>
+parameters:
+  t:
+    - filter: mlp
+      value: [0.2, 0.8]
+      note: the MLPs lean on loyal-piano
+    - value: 0.5
+dype: float32
+metadata:
+  author: someone
+""",
+        cli=("--out-shard-size", "2M"),
+        out_shard_size=2_000_000,
+        donor=UNA,
+        tags=("slerp", "lenient"),
+    ),
 )
 
 
