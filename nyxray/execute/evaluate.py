@@ -13,7 +13,7 @@ import torch
 
 from ..methods import registry
 from ..methods.base import ChunkSource, Group
-from ..plan.expr import Cast, Expr, Leaf, Merge
+from ..plan.expr import Cast, Expr, Join, Leaf, Merge
 
 # safetensors dtype name -> torch dtype
 TORCH_DTYPES = {
@@ -69,6 +69,8 @@ def _tensor(e: Expr, data: Mapping[tuple, memoryview], device: str) -> torch.Ten
         return _tensor(e.child, data, device).to(TORCH_DTYPES[e.dtype])
     if isinstance(e, Merge):
         return _merge(e, data, device)
+    if isinstance(e, Join):
+        return torch.cat([_tensor(p, data, device).reshape(-1) for p in e.parts]).reshape(e.shape)
     raise TypeError(f"unknown expression {type(e).__name__}")
 
 

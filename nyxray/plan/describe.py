@@ -12,8 +12,9 @@ from .stages import Plan, StagePlan
 
 
 def _group(name: str) -> str:
-    """Tensor group for the t table: layer numbers folded (``model.layers.*.mlp.up_proj.weight``)."""
-    return re.sub(r"\.layers\.\d+\.", ".layers.*.", name)
+    """Tensor group for the t table: layer numbers folded (``model.layers.*.mlp.up_proj.weight``,
+    ``transformer.h.*.ln_1.weight``)."""
+    return re.sub(r"\.\d+\.", ".*.", name, count=1)
 
 
 def plan_text(p: Plan) -> str:
@@ -33,7 +34,7 @@ def plan_text(p: Plan) -> str:
     lines.append(
         f"output: {len(final.tensors)} tensors ({', '.join(f'{v} {k}' for k, v in sorted(ops.items()))}), "
         f"{len(final.shards)} shard(s), {human(final.bytes_written)} to write, "
-        f"{final.config.get(final.donor.arch.layers_key)} layers, config and tokenizer from {final.donor.ref!r}"
+        f"{final.donor.arch.num_layers(final.config)} layers, config and tokenizer from {final.donor.ref!r}"
     )
     lines.append("shards:")
     for sh in final.shards:

@@ -104,8 +104,28 @@ class Merge:
         return f"M({self.method},[{inputs}],base={self.base},{values},seed={self.seed},{self.dtype})"
 
 
-Expr = Leaf | Cast | Merge
-NODES = (Leaf, Cast, Merge)
+@dataclass(frozen=True)
+class Join:
+    """Tensors of one dtype laid end to end, read as one tensor of ``shape``: how mergekit reads a
+    fused MoE tensor (every expert's pieces, expert after expert) from a checkpoint that stores
+    one tensor per expert."""
+
+    parts: tuple[Expr, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> str:
+        return self.parts[0].dtype
+
+    def leaves(self) -> list[Leaf]:
+        return [leaf for e in self.parts for leaf in e.leaves()]
+
+    def sig(self) -> str:
+        return f"J([{','.join(e.sig() for e in self.parts)}],{self.shape})"
+
+
+Expr = Leaf | Cast | Merge | Join
+NODES = (Leaf, Cast, Merge, Join)
 
 
 def _node(e: Expr) -> Expr:

@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import ModelError, StorageError
 from ..io.location import Location, location, redact
 from ..io.safetensors import header_length, parse_header
-from .architectures import Architecture, architecture_of
+from .architectures import Architecture, adapt, architecture_of
 from .expr import Expr, Leaf
 
 INDEX = "model.safetensors.index.json"
@@ -100,10 +100,29 @@ class Model:
     header_bytes: int = 0
     extra_files: tuple[str, ...] = ()  # tokenizer and generation files present
     files_loc: Location | None = None  # where extra_files are (a stage: its donor's location)
+    converted: frozenset[str] = frozenset()  # tensors read through a checkpoint conversion (.architectures.layout)
 
     @property
     def num_layers(self) -> int:
-        return int(self.config[self.arch.layers_key])
+        return self.arch.num_layers(self.config)
+
+    def twin(self, name: str) -> tuple[str, Expr] | None:
+        """The tensor a tied ``name`` (an LM head its checkpoint leaves out) is read as, if any."""
+        for m in self.arch.modules:
+            for tied, other in m.tied:
+                if tied == name and other in self.tensors:
+                    return other, self.tensors[other]
+        return None
+
+    def label(self, name: str) -> str:
+        """The checkpoint name mergekit reads ``name`` under ("" when converted), which orders its writes."""
+        if name in self.converted:
+            return ""
+        e = self.tensors.get(name)
+        if e is None:
+            found = self.twin(name)
+            return found[0] if found else name
+        return e.name if isinstance(e, Leaf) and self.loc is not None else name
 
 
 def _read_json(loc: Location, name: str, ref: str) -> Any:
@@ -123,6 +142,28 @@ def _safe_file_name(name: Any, where: str) -> str:
     return name
 
 
+def _tagalong(arch: Architecture, config: dict) -> tuple[str, ...]:
+    """Files the output carries besides the tokenizer's, as mergekit's does: the architecture's (a
+    multimodal processor's config), and the module of a remote-code config class (transformers
+    writes it next to the config it saves, and the config's ``auto_map`` names it)."""
+    auto_map = config.get("auto_map")
+    ref = auto_map.get("AutoConfig") if isinstance(auto_map, dict) else None
+    code = (ref.split("--")[-1].rsplit(".", 1)[0] + ".py",) if isinstance(ref, str) and "." in ref else ()
+    return arch.tagalong + code
+
+
+def _check_layer_counts(ref: str, loc: Location, arch: Architecture, config: dict, tensors: dict[str, Expr]) -> None:
+    """The planner builds every layer the config claims before it looks for tensors, so a config
+    claiming 10**8 layers would hang it: the last claimed layer of each module must be in the checkpoint."""
+    for m in arch.modules:
+        try:
+            n = m.num_layers(config)
+        except ModelError as e:
+            raise ModelError(f"model {ref!r}: {e}") from None
+        if n and not any(m.layer_name(n - 1, suffix) in tensors for suffix in m.layer_suffixes(n - 1, config)):
+            raise ModelError(f"model {ref!r}: {loc.url('config.json')} says {m.config_key(config)}={n}, but the checkpoint has no tensors of layer {n - 1}")
+
+
 def load_model(ref: str, loc: Location, allow_pickle: bool = False) -> Model:
     """Read a model's config, index and shard headers (no tensor data)."""
     files = loc.listdir()
@@ -133,7 +174,6 @@ def load_model(ref: str, loc: Location, allow_pickle: bool = False) -> Model:
     config = _read_json(loc, "config.json", ref)
     if not isinstance(config, dict):
         raise ModelError(f"model {ref!r}: {loc.url('config.json')} is not a JSON object")
-    arch = architecture_of(config, f"model {ref!r}")
     if INDEX in files:
         index = _read_json(loc, INDEX, ref)
         wmap = index.get("weight_map") if isinstance(index, dict) else None
@@ -176,10 +216,8 @@ def load_model(ref: str, loc: Location, allow_pickle: bool = False) -> Model:
         absent = [n for n in wmap if n not in tensors]
         if absent:
             raise ModelError(f"model {ref!r}: the index lists {absent[0]!r} in {wmap[absent[0]]}, but that shard's header lacks it")
-    # The planner builds every layer the config claims before it looks for tensors, so a config
-    # claiming 10**8 layers would hang it: the last claimed layer must be in the checkpoint.
-    n = int(config[arch.layers_key])
-    if not any(arch.layer_name(n - 1, suffix) in tensors for suffix in arch.layer):
-        raise ModelError(f"model {ref!r}: {loc.url('config.json')} says {arch.layers_key}={n}, but the checkpoint has no tensors of layer {n - 1}")
-    extra = tuple(f for f in TOKENIZER_FILES if f in files)
-    return Model(ref, config, arch, tensors, loc, header_bytes, extra, loc)
+    arch = architecture_of(config, tensors, f"model {ref!r}")
+    _check_layer_counts(ref, loc, arch, config, tensors)
+    canonical, converted = adapt(arch, config, tensors)
+    extra = tuple(f for f in (*TOKENIZER_FILES, *_tagalong(arch, config)) if f in files)
+    return Model(ref, config, arch, canonical, loc, header_bytes, extra, loc, converted)

@@ -14,15 +14,17 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..errors import ModelError, NyxrayError, RecipeError, did_you_mean
+from ..errors import NyxrayError, RecipeError, did_you_mean
 from ..io.safetensors import ShardEntry, build_header
 from ..methods.registry import METHODS
 from ..recipe.lenient import refuse
 from ..recipe.parameters import filter_matches
-from ..recipe.parse import RECIPE_DTYPES, Recipe, Slice, Source
+from ..recipe.parse import RECIPE_DTYPES, Recipe, Slice
+from .architectures import stage_architecture
 from .expr import Leaf, leaves, nbytes_of, shape_of, signature
+from .modules import module_slices, set_layer_counts, wanted
 from .sources import Model, Resolver, load_model
-from .tensor import PlannedTensor, StageContext, Want, check_slices, plan_tensor, present_inputs
+from .tensor import PlannedTensor, StageContext, check_slices, plan_tensor, present_inputs
 from .write_order import write_order
 
 SHARD_METADATA = {"format": "pt"}
@@ -156,33 +158,6 @@ class Plan:
 # -- planning one stage ---------------------------------------------------------------------------
 
 
-def _normalise_slices(recipe: Recipe, models: dict[str, Model]) -> tuple[Slice, ...]:
-    if recipe.slices is not None:
-        return recipe.slices
-    assert recipe.models is not None
-    sources = [Source(m.model, (0, models[m.model].num_layers), m.parameters, m.path) for m in recipe.models]
-    if recipe.base_model and recipe.base_model not in [s.model for s in sources]:
-        sources.append(Source(recipe.base_model, (0, models[recipe.base_model].num_layers), {}, "base_model"))
-    return (Slice(tuple(sources), None, {}, "models"),)
-
-
-def _wanted(recipe: Recipe, slices: tuple[Slice, ...], models: dict[str, Model]) -> list[Want]:
-    arch = models[slices[0].sources[0].model].arch
-    wants = [Want(n, 0.0, tuple((s, n) for s in slices[0].sources), slices[0]) for n in arch.pre]
-    out_layer = 0
-    for sl in slices:
-        start0, end0 = sl.sources[0].layer_range  # type: ignore[misc]
-        length = end0 - start0
-        for i in range(length):
-            pos = i / (length - 1) if length > 1 else 1.0
-            for suffix in arch.layer:
-                ins = tuple((s, arch.layer_name(s.layer_range[0] + i, suffix)) for s in sl.sources)  # type: ignore[index]
-                wants.append(Want(arch.layer_name(out_layer + i, suffix), pos, ins, sl))
-        out_layer += length
-    wants += [Want(n, 0.0, tuple((s, n) for s in slices[-1].sources), slices[-1]) for n in arch.post]
-    return wants
-
-
 def _stage_dtype(name: str | None) -> str | None:
     return RECIPE_DTYPES[name] if name else None
 
@@ -199,34 +174,32 @@ def plan_stage(
 
     ``random_seed`` (else the recipe's ``random_seed``, else 0) seeds random methods' draws.
     """
-    o = recipe.origin
-    archs = {models[r].arch.name for r in recipe.model_refs()}
-    if len(archs) > 1 and not allow_crimes:
-        raise ModelError(f"{o}: the models have different architectures ({', '.join(sorted(archs))}); pass --allow-crimes to merge them anyway")
     method = METHODS[recipe.merge_method]
-    slices = _normalise_slices(recipe, models)
-    check_slices(recipe, method, slices, models)
+    donor_ref = recipe.base_model or (recipe.slices[0].sources[0].model if recipe.slices else recipe.models[0].model)  # type: ignore[index]
+    refs = list(dict.fromkeys([donor_ref, *recipe.model_refs()]))
+    arch = stage_architecture([(models[r].arch, models[r].config, models[r].tensors) for r in refs], 0, allow_crimes, recipe.origin)
+    plans = module_slices(recipe, arch, models)
+    check_slices(recipe, method, plans[0].slices, models)
     seed = random_seed if random_seed is not None else (recipe.random_seed or 0)
-    ignored = [f"{o}: {i.message()}" for i in recipe.ignored]
+    ignored = [f"{recipe.origin}: {i.message()}" for i in recipe.ignored]
     st = StageContext(recipe, method, models, _stage_dtype(recipe.dtype), _stage_dtype(recipe.out_dtype), unsafe_truncate_embeddings, seed, ignored)
+    donor = models[donor_ref]
+    config = copy.deepcopy(donor.config)
     tensors: list[PlannedTensor] = []
-    order_inputs: list[list[tuple[str, str]]] = []  # per output, (model, input name): fixes write order
+    order_inputs: list[list[tuple[str, str, str]]] = []  # per output, (model, input name, label): fixes write order
     staged_read = 0
-    for w in _wanted(recipe, slices, models):
+    for w in wanted(plans, config, models):
         found = present_inputs(st, w)
         if found is None:
             continue
         have, copied = found
         tensors.append(plan_tensor(st, w, have, copied))
-        order_inputs.append([(src.model, name) for src, name, _ in have])
+        order_inputs.append([(src.model, name, models[src.model].label(name)) for src, name, _ in have])
         staged_read += sum(nbytes_of(e.dtype, shape_of(e)) for _, _, e in have)
-    _warn_unmatched_filters(recipe, slices, [t.name for t in tensors], st.warnings)
+    _warn_unmatched_filters(recipe, tuple(sl for p in plans for sl in p.slices), [t.name for t in tensors], st.warnings)
     tensors = [tensors[i] for i in write_order(order_inputs)]
-    donor_ref = recipe.base_model or slices[0].sources[0].model
-    donor = models[donor_ref]
     tok_ref = recipe.base_model if recipe.tokenizer_source == "base" else (recipe.tokenizer_source or donor_ref)
-    config = copy.deepcopy(donor.config)
-    config[donor.arch.layers_key] = sum(sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0] for sl in slices)  # type: ignore[index]
+    set_layer_counts(config, plans)
     if recipe.out_dtype or recipe.dtype:
         key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
         config[key] = recipe.out_dtype or recipe.dtype

@@ -100,6 +100,7 @@ class Want:
     pos: float
     inputs: tuple[tuple[Source, str], ...]
     slice: Slice
+    optional: bool = False  # the architecture lets a model lack it (a tied head, a bias)
 
 
 def _truncate_rows(e: Expr, rows: int) -> Expr:
@@ -153,20 +154,25 @@ def _same_shape(st: StageContext, w: Want, have: list[_Input]) -> list[Expr]:
     raise ModelError(f"{st.recipe.origin}: tensor size mismatch for {w.out}: {listed}{hint}")
 
 
+def _twin(model: Model, name: str) -> Expr | None:
+    found = model.twin(name)
+    return found[1] if found else None
+
+
 def present_inputs(st: StageContext, w: Want) -> tuple[list[_Input], bool] | None:
     """The inputs of ``w`` that exist, and whether the one left is copied as it is (the method's
     policy for an optional tensor only one model has); None when the tensor is skipped (optional
     and absent everywhere, or too few inputs for a method whose policy is to skip); raises when
     one is missing for good."""
     present = [(src, name, st.models[src.model].tensors.get(name)) for src, name in w.inputs]
+    if any(e is not None for _, _, e in present):  # as mergekit, a model that ties this tensor gives its twin
+        present = [(src, name, e if e is not None else _twin(st.models[src.model], name)) for src, name, e in present]
     have = [(src, name, e) for src, name, e in present if e is not None]
     if len(have) == len(present):
         return have, False
-    arch = st.models[w.inputs[0][0].model].arch
-    optional = w.out in arch.optional or any(w.out.endswith("." + s) for s in arch.optional)
     src, name, _ = next(p for p in present if p[2] is None)
     missing = f"tensor {name!r} required but not present in model {src.model!r}"
-    if not optional:
+    if not w.optional:
         raise ModelError(f"{st.recipe.origin}: {missing}{did_you_mean(name, tuple(st.models[src.model].tensors))}")
     if not have:
         return None

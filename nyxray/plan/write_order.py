@@ -39,7 +39,7 @@ class _Graph:
         return node
 
 
-def _build(inputs: Sequence[Sequence[tuple[str, str]]]) -> tuple[_Graph, list[int], int, int]:
+def _build(inputs: Sequence[Sequence[tuple[str, str, str]]]) -> tuple[_Graph, list[int], int, int]:
     """The graph of ``inputs``, its save tasks (one per output, in order), the final task, the root."""
     g = _Graph()
     loads: dict[tuple[str, str], int] = {}
@@ -51,11 +51,11 @@ def _build(inputs: Sequence[Sequence[tuple[str, str]]]) -> tuple[_Graph, list[in
             writer = g.new("", _WRITER, [])
         merge, gather = g.new(), g.new()
         mine = []
-        for key in ins:
-            if key not in loads:
-                loads[key] = g.new(key[1], _LOAD, [])
-            mine.append(loads[key])
-        top = max(name for _, name in ins)
+        for model, name, label in ins:
+            if (model, name) not in loads:
+                loads[model, name] = g.new(label, _LOAD, [])
+            mine.append(loads[model, name])
+        top = max(label for _, _, label in ins)
         g.deps[save], g.deps[merge], g.deps[gather] = [writer, merge], [gather], mine
         for node, p in ((save, _SAVE), (merge, _MERGE), (gather, _GATHER)):
             g.label[node], g.prio[node] = top, p
@@ -108,12 +108,15 @@ def _sorted_saves(g: _Graph, edges: list[tuple[int, int]], saves: list[int]) -> 
     return order
 
 
-def write_order(inputs: Sequence[Sequence[tuple[str, str]]]) -> list[int]:
+def write_order(inputs: Sequence[Sequence[tuple[str, str, str]]]) -> list[int]:
     """Indices of the outputs in write order.
 
-    ``inputs[i]`` are the (model, input tensor name) pairs of output ``i``, in source order, and
-    the outputs are given in planning order: pre-weights, then each slice's layers (each layer's
-    tensors in the architecture's order), then post-weights.
+    ``inputs[i]`` are the (model, input tensor name, label) of output ``i``, in source order,
+    where the label is the name the tensor is stored under in its checkpoint (an alias, a tied
+    twin), or "" for one assembled by a layout conversion (mergekit's load task then has no
+    name to be labelled by); the outputs are given in planning order: pre-weights, then each
+    slice's layers (each layer's tensors in the architecture's order), then post-weights, module
+    by module.
     """
     if not inputs:
         return []
