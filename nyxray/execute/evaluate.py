@@ -12,7 +12,8 @@ import torch
 
 from ..methods import registry
 from ..methods.base import Group
-from ..plan.expr import Cast, Expr, Leaf, Merge
+from ..plan.expr import Cast, Expr, Leaf, Merge, Rows
+from .rows import permute_rows
 
 # safetensors dtype name -> torch dtype
 TORCH_DTYPES = {
@@ -50,6 +51,8 @@ def _tensor(e: Expr, data: Mapping[tuple, memoryview], device: str) -> torch.Ten
         return _tensor(e.child, data, device).to(TORCH_DTYPES[e.dtype])
     if isinstance(e, Merge):
         return _merge(e, data, device)
+    if isinstance(e, Rows):  # on the CPU, where mergekit permutes: its padding mean is a reduction
+        return permute_rows([_tensor(x, data, "cpu") for x in e.group], e.index, e.table).to(device)
     raise TypeError(f"unknown expression {type(e).__name__}")
 
 
