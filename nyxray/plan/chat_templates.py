@@ -75,9 +75,10 @@ _ALPACA = (
 
 {% for message in messages %}
 """
-    + "".join(_ALPACA_TURN.replace("{role}", role).replace("{section}", section) for role, section in (("user", "Instruction"), ("assistant", "Response"), ("user_context", "Input"))).replace(
-        "{% elif", "{% if", 1
-    )
+    + "".join(
+        _ALPACA_TURN.replace("{role}", role).replace("{section}", section)
+        for role, section in (("user", "Instruction"), ("assistant", "Response"), ("user_context", "Input"))
+    ).replace("{% elif", "{% if", 1)
     + r"""{% endif %}
 {% endfor %}
 {% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}
@@ -102,7 +103,16 @@ _EXAONE = r"""{% for message in messages %}
 {% endif %}
 """
 
-CHAT_TEMPLATES = {t.name: t for t in (ChatTemplate("chatml", _CHATML), ChatTemplate("llama3", _LLAMA3), ChatTemplate("mistral", _MISTRAL), ChatTemplate("alpaca", _ALPACA), ChatTemplate("exaone", _EXAONE))}
+CHAT_TEMPLATES = {
+    t.name: t
+    for t in (
+        ChatTemplate("chatml", _CHATML),
+        ChatTemplate("llama3", _LLAMA3),
+        ChatTemplate("mistral", _MISTRAL),
+        ChatTemplate("alpaca", _ALPACA),
+        ChatTemplate("exaone", _EXAONE),
+    )
+}
 AUTO = "auto"  # the template most input models have
 
 

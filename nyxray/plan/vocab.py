@@ -233,7 +233,9 @@ def _default_sources(v: Vocabulary, refs: list[str], token: str, i: int, cfg: To
     else:
         row = src.token_id if src.token_id is not None else v.lookups.get((src.model, src.token or ""), -1)
         if not 0 <= row < input_rows[k]:
-            raise RecipeError(f"tokenizer.tokens.{token}.source", f"{where}: model {src.model!r} has no token {src.token or src.token_id!r} (it has {input_rows[k]} rows)")
+            raise RecipeError(
+                f"tokenizer.tokens.{token}.source", f"{where}: model {src.model!r} has no token {src.token or src.token_id!r} (it has {input_rows[k]} rows)"
+            )
     return ((k, row),)
 
 

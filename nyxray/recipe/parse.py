@@ -26,7 +26,20 @@ Scalar = float | int | bool | str
 # A setting as written: a scalar, a gradient list, or a list of {filter, value} conditionals.
 Setting = Any
 
-TOP_KEYS = ("name", "merge_method", "slices", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "random_seed")
+TOP_KEYS = (
+    "name",
+    "merge_method",
+    "slices",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "random_seed",
+)
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 MODEL_KEYS = ("model", "parameters")

@@ -15,7 +15,6 @@ the inputs differ by added tokens only, whose union order does not depend on it 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

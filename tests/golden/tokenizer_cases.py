@@ -98,9 +98,9 @@ CASES: tuple[Case, ...] = (
     Case(
         "tokenizer_block",
         _models("base:0.5", "ft1:0.3", "ft2:0.2") + "merge_method: linear\nbase_model: <<model:base>>\ntokenizer:\n  source: union\n  tokens:\n"
-        "    \"<|im_start|>\":\n      source: <<model:ft2>>\n      force: true\n"
-        "    \"<new>\":\n      source:\n        kind: zero\n"
-        "    \"<|im_end|>\":\n      source:\n        kind: model_token\n        model: <<model:base>>\n        token: \"</s>\"\n"
+        '    "<|im_start|>":\n      source: <<model:ft2>>\n      force: true\n'
+        '    "<new>":\n      source:\n        kind: zero\n'
+        '    "<|im_end|>":\n      source:\n        kind: model_token\n        model: <<model:base>>\n        token: "</s>"\n'
         "  pad_to_multiple_of: 64\nchat_template: llama3\ndtype: bfloat16\n",
         description="tokens: forced, zero and model_token sources, a new token, padding to 64 rows, a built-in template",
     ),
