@@ -140,7 +140,7 @@ RECIPE_CASES = {
         ["slices[0].sources[1].parameters.t", "not per source"],
     ),
     "missing model": (slerp(b="nobody"), ["slices[0].sources[1].model", "'nobody'"]),
-    "unsupported tokenizer:": (slerp() + "tokenizer: {source: union}\n", ["tokenizer", "not supported"]),
+    "tokenizer: padding": (slerp() + "tokenizer: {source: union, pad_to_multiple_of: -8}\n", ["tokenizer.pad_to_multiple_of", "positive integer"]),
     "pipeline: stage used by itself": (
         "name: s\nmerge_method: passthrough\nslices:\n  - sources:\n    - model: s\n      layer_range: [0, 4]\n---\n" + only("s"),
         ["slices[0].sources[0].model", "stage 's'"],

@@ -224,15 +224,21 @@ def test_single_conditional_is_a_list_of_one():
     "key, value, words",
     [
         ("modules", "{text_decoder: {slices: []}}", "multi-module"),
-        ("tokenizer", "{source: union}", "building a tokenizer"),
-        ("chat_template", "chatml", "chat_template is not supported"),
-        ("tokenizer_source", "union", "'union'"),
     ],
 )
 def test_unsupported_keys_are_refused_clearly(key, value, words):
     e = parse_error(SLERP + f"{key}: {value}\n")
     assert e.path == key
     assert words in str(e) and "unknown key" not in str(e)
+
+
+def test_tokenizer_keys_become_one_spec():
+    (r,) = parse_pipeline(SLERP + "tokenizer_source: union\nchat_template: chatml\n")
+    assert (r.tokenizer.source, r.tokenizer.tokens, r.chat_template) == ("union", (), "chatml")
+    (r,) = parse_pipeline(SLERP + "tokenizer:\n  tokens: {'<x>': {source: {kind: zero}, force: true}}\n  pad_to_multiple_of: 8\n")
+    assert r.tokenizer.source == "union" and r.tokenizer.pad_to_multiple_of == 8  # mergekit's default source
+    ((token, spec),) = r.tokenizer.tokens
+    assert token == "<x>" and spec.force and spec.source.model is None
 
 
 def test_model_references():

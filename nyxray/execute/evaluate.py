@@ -13,7 +13,8 @@ import torch
 
 from ..methods import registry
 from ..methods.base import ChunkSource, Group
-from ..plan.expr import Cast, Expr, Join, Leaf, Merge
+from ..plan.expr import Cast, Expr, Join, Leaf, Merge, Rows
+from .rows import permute_rows
 
 # safetensors dtype name -> torch dtype
 TORCH_DTYPES = {
@@ -71,6 +72,8 @@ def _tensor(e: Expr, data: Mapping[tuple, memoryview], device: str) -> torch.Ten
         return _merge(e, data, device)
     if isinstance(e, Join):
         return torch.cat([_tensor(p, data, device).reshape(-1) for p in e.parts]).reshape(e.shape)
+    if isinstance(e, Rows):  # on the CPU, where mergekit permutes: its padding mean is a reduction
+        return permute_rows([_tensor(x, data, "cpu") for x in e.group], e.index, e.table).to(device)
     raise TypeError(f"unknown expression {type(e).__name__}")
 
 

@@ -222,7 +222,11 @@ def finalize(
     out.write_atomic("config.json", (json.dumps(stage.config, indent=2) + "\n").encode())
     copied = []
     src = stage.tokenizer_from
-    if copy_tokenizer and src.files_loc is not None:
+    if stage.tokenizer_files is not None and (copy_tokenizer or stage.recipe.tokenizer is not None):  # a rebuilt vocabulary is part of the model
+        for f, data in stage.tokenizer_files.items():
+            out.write_atomic(f, data)
+            copied.append(f)
+    elif copy_tokenizer and src.files_loc is not None:
         has_tok = "tokenizer_config.json" in src.extra_files and ({"tokenizer.json", "tokenizer.model"} & set(src.extra_files))
         for f in src.extra_files if has_tok else [f for f in src.extra_files if f == "generation_config.json"]:
             out.write_atomic(f, src.files_loc.read(f))

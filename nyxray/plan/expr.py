@@ -124,8 +124,55 @@ class Join:
         return f"J([{','.join(e.sig() for e in self.parts)}],{self.shape})"
 
 
-Expr = Leaf | Cast | Merge | Join
-NODES = (Leaf, Cast, Merge, Join)
+@dataclass(frozen=True, eq=False)
+class RowTable:
+    """How the inputs of one vocabulary-indexed tensor become the output vocabulary's rows
+    (planned in :mod:`nyxray.plan.vocab`, applied in :mod:`nyxray.execute.rows`).
+
+    Output rows start at zero. ``fills`` are the rows given to an input that lacks its token (or
+    whose token is forced): (row, sources, average), where sources are (input, source row) pairs,
+    averaged when ``average``, else the one source's row (none: zeros). Then each input's own rows
+    are copied over, as runs (output row, source row, count) in ``own[input]``. Rows past ``vocab``
+    (padding) are the mean of the first ``vocab``. ``digest`` stands for the whole table."""
+
+    rows: int
+    vocab: int
+    own: tuple[tuple[tuple[int, int, int], ...], ...]
+    fills: tuple[tuple[int, tuple[tuple[int, int], ...], bool], ...]
+    digest: str
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RowTable) and self.digest == other.digest
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Input ``index`` of ``group`` (the inputs of one merge, one dtype) in the output vocabulary."""
+
+    group: tuple[Expr, ...]
+    index: int
+    table: RowTable
+
+    @property
+    def dtype(self) -> str:
+        return self.group[self.index].dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.table.rows,) + self.group[self.index].shape[1:]
+
+    def leaves(self) -> list[Leaf]:
+        return [leaf for e in self.group for leaf in e.leaves()]  # a missing token's row may come from any input
+
+    def sig(self) -> str:
+        return f"R({self.index},{self.table.digest},[{','.join(e.sig() for e in self.group)}])"
+
+
+Expr = Leaf | Cast | Merge | Join | Rows
+NODES = (Leaf, Cast, Merge, Join, Rows)
 
 
 def _node(e: Expr) -> Expr:

@@ -101,6 +101,7 @@ class Model:
     extra_files: tuple[str, ...] = ()  # tokenizer and generation files present
     files_loc: Location | None = None  # where extra_files are (a stage: its donor's location)
     converted: frozenset[str] = frozenset()  # tensors read through a checkpoint conversion (.architectures.layout)
+    tokenizer_files: dict[str, bytes] | None = None  # a tokenizer a stage built (then extra_files are not its own)
 
     @property
     def num_layers(self) -> int:

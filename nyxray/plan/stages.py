@@ -25,6 +25,7 @@ from .expr import Leaf, leaves, nbytes_of, shape_of, signature
 from .modules import module_slices, set_layer_counts, wanted
 from .sources import Model, Resolver, load_model
 from .tensor import PlannedTensor, StageContext, check_slices, plan_tensor, present_inputs
+from .vocab import plan_vocabulary
 from .write_order import write_order
 
 SHARD_METADATA = {"format": "pt"}
@@ -80,6 +81,7 @@ class StagePlan:
     staged_read_bytes: int  # what this stage would read if run on its own inputs
     random_seed: int = 0  # seeds the draws of random methods (reported in the run report and card)
     warnings: list[str] = field(default_factory=list)
+    tokenizer_files: dict[str, bytes] | None = None  # a tokenizer built for this stage (else tokenizer_from's files are copied)
 
     @property
     def name(self) -> str | None:
@@ -105,6 +107,7 @@ class StagePlan:
             tensors={t.name: t.expr for t in self.tensors},
             extra_files=self.tokenizer_from.extra_files,
             files_loc=self.tokenizer_from.files_loc,
+            tokenizer_files=self.tokenizer_files,
         )
 
 
@@ -182,7 +185,8 @@ def plan_stage(
     check_slices(recipe, method, plans[0].slices, models)
     seed = random_seed if random_seed is not None else (recipe.random_seed or 0)
     ignored = [f"{recipe.origin}: {i.message()}" for i in recipe.ignored]
-    st = StageContext(recipe, method, models, _stage_dtype(recipe.dtype), _stage_dtype(recipe.out_dtype), unsafe_truncate_embeddings, seed, ignored)
+    vocab = plan_vocabulary(recipe, models, donor_ref)
+    st = StageContext(recipe, method, models, _stage_dtype(recipe.dtype), _stage_dtype(recipe.out_dtype), unsafe_truncate_embeddings, seed, ignored, vocab)
     donor = models[donor_ref]
     config = copy.deepcopy(donor.config)
     tensors: list[PlannedTensor] = []
@@ -198,12 +202,14 @@ def plan_stage(
         staged_read += sum(nbytes_of(e.dtype, shape_of(e)) for _, _, e in have)
     _warn_unmatched_filters(recipe, tuple(sl for p in plans for sl in p.slices), [t.name for t in tensors], st.warnings)
     tensors = [tensors[i] for i in write_order(order_inputs)]
-    tok_ref = recipe.base_model if recipe.tokenizer_source == "base" else (recipe.tokenizer_source or donor_ref)
     set_layer_counts(config, plans)
+    if vocab is not None and vocab.spec is not None:
+        config["vocab_size"] = vocab.rows
     if recipe.out_dtype or recipe.dtype:
         key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
         config[key] = recipe.out_dtype or recipe.dtype
-    return StagePlan(recipe, tensors, layout_shards(tensors, out_shard_size), config, donor, models[tok_ref], staged_read, seed, st.warnings)
+    files = vocab.files if vocab is not None else None
+    return StagePlan(recipe, tensors, layout_shards(tensors, out_shard_size), config, donor, donor, staged_read, seed, st.warnings, files)
 
 
 def _warn_unmatched_filters(recipe: Recipe, slices: tuple[Slice, ...], names: list[str], warnings: list[str]) -> None:
@@ -334,6 +340,6 @@ def _ref_paths(recipe: Recipe) -> list[tuple[str, str]]:
         out.setdefault(m.model, f"{m.path}.model")
     if recipe.base_model:
         out.setdefault(recipe.base_model, "base_model")
-    if recipe.tokenizer_source and recipe.tokenizer_source != "base":
-        out.setdefault(recipe.tokenizer_source, "tokenizer_source")
+    for ref in recipe.tokenizer.model_refs() if recipe.tokenizer else ():
+        out.setdefault(ref, "tokenizer_source" if recipe.tokenizer_source else "tokenizer")
     return list(out.items())

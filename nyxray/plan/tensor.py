@@ -14,8 +14,9 @@ from ..errors import ModelError, RecipeError, did_you_mean
 from ..methods.base import Method, Param
 from ..recipe.parameters import resolve
 from ..recipe.parse import Recipe, Slice, Source
-from .expr import Expr, Leaf, Merge, cast, nbytes_of, promote, shape_of
+from .expr import Expr, Leaf, Merge, Rows, cast, nbytes_of, promote, shape_of
 from .sources import Model
+from .vocab import Vocabulary, row_table
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class StageContext:
     unsafe_truncate_embeddings: bool
     random_seed: int
     warnings: list[str]
+    vocab: Vocabulary | None = None  # the output vocabulary, when the recipe rebuilds it
 
 
 _Input = tuple[Source, str, Expr]  # a source, its tensor's name there, the tensor
@@ -149,8 +151,8 @@ def _same_shape(st: StageContext, w: Want, have: list[_Input]) -> list[Expr]:
         st.warnings.append(f"UNSAFE vocabulary truncation of {w.out} to {rows} rows ({listed})")
         return [_truncate_rows(e, rows) for e in exprs]
     hint = " (vocabulary sizes differ: --unsafe-truncate-embeddings keeps the common rows)" if embeds else ""
-    if embeds and st.recipe.tokenizer_source:
-        hint += f"; tokenizer_source: {st.recipe.tokenizer_source} needs models that share one vocabulary (nyxray builds no merged vocabulary)"
+    if embeds and not (st.vocab and st.vocab.spec):
+        hint += "; tokenizer_source: union (or a tokenizer: block) aligns the vocabularies"
     raise ModelError(f"{st.recipe.origin}: tensor size mismatch for {w.out}: {listed}{hint}")
 
 
@@ -264,6 +266,28 @@ def _check_weight_sum(st: StageContext, shared: dict, per_input: dict, shown: li
         )
 
 
+def _rebuilt_rows(st: StageContext, w: Want, have: list[_Input]) -> bool:
+    """Whether ``w`` is indexed by a vocabulary the recipe rebuilds."""
+    return st.vocab is not None and st.vocab.spec is not None and w.out in st.models[have[0][0].model].arch.embeds
+
+
+def _vocab_rows(st: StageContext, w: Want, have: list[_Input]) -> list[Expr]:
+    """Each input in the output vocabulary (mergekit permutes them in their common dtype)."""
+    assert st.vocab is not None
+    exprs = [cast(e, st.dtype) for _, _, e in have]
+    shapes = {shape_of(e)[1:] for e in exprs}
+    if len(shapes) > 1:
+        raise ModelError(f"{st.recipe.origin}: {w.out}: the inputs differ beyond the vocabulary axis: {sorted(shapes)}")
+    try:
+        dtype = promote([e.dtype for e in exprs])
+    except ValueError as err:
+        raise ModelError(f"{st.recipe.origin}: {w.out}: {err}; set dtype: in the recipe") from None
+    group = tuple(cast(e, dtype) for e in exprs)
+    refs = [src.model for src, _, _ in have]
+    table = row_table(st.vocab, refs, w.slice.base_model or st.recipe.base_model, [shape_of(e)[0] for e in group], f"{st.recipe.origin}: {w.out}")
+    return [Rows(group, k, table) for k in range(len(group))]
+
+
 def plan_tensor(st: StageContext, w: Want, have: list[_Input], copied: bool) -> PlannedTensor:
     m = st.method
     base_ref = m.slice_base(w.slice.base_model, st.recipe.base_model)
@@ -271,7 +295,7 @@ def plan_tensor(st: StageContext, w: Want, have: list[_Input], copied: bool) -> 
     base = models_in.index(base_ref) if base_ref in models_in else None
     # An input copied alone (an optional tensor only one model has) takes no parameters.
     shared, per_input, shown = ({}, {}, []) if copied else _resolve_all(st, w, have, base)
-    exprs = [cast(e, st.dtype) for e in _same_shape(st, w, have)]
+    exprs = _vocab_rows(st, w, have) if _rebuilt_rows(st, w, have) else [cast(e, st.dtype) for e in _same_shape(st, w, have)]
     if copied or (m.copies_unless is not None and per_input[m.copies_unless] == [None]):
         expr = cast(exprs[0], st.out_dtype)  # the source bytes as they are, or a cast
         return PlannedTensor(w.out, expr, "copy" if expr is have[0][2] else "cast")

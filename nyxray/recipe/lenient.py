@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import RecipeError, did_you_mean
+from .tokenizer import BLOCK_KEYS, TOKEN_KEYS, TOKEN_SOURCE_KINDS
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,11 @@ SHAPE: dict[str, Mapping] = {
             "tokenizer",
             "chat_template",
         ),
-        nested=(("slices", "slice"), ("models", "model"), ("parameters", "parameters")),
+        nested=(("slices", "slice"), ("models", "model"), ("parameters", "parameters"), ("tokenizer", "tokenizer")),
     ),
+    "tokenizer": Mapping(keys=BLOCK_KEYS, nested=(("tokens", "tokens"),)),
+    "token": Mapping(keys=TOKEN_KEYS, nested=(("source", "token_source"),)),
+    "token_source": Mapping(keys=tuple(dict.fromkeys(k for keys in TOKEN_SOURCE_KINDS.values() for k in keys))),
     "slice": Mapping(
         keys=("sources", "base_model", "parameters"),
         nested=(("sources", "source"), ("parameters", "parameters")),
@@ -83,6 +87,8 @@ def set_aside(doc: Any) -> tuple[Any, tuple[Ignored, ...]]:
 def _walk(node: Any, kind: str, path: str, found: list[Ignored]) -> Any:
     if kind == "parameters":
         return _parameters(node, path, found)
+    if kind == "tokens":  # token -> its settings: the keys are the user's tokens
+        return {k: _walk(v, "token", f"{path}.{k}", found) for k, v in node.items()} if isinstance(node, dict) else node
     if isinstance(node, list):
         return [_walk(item, kind, f"{path}[{i}]", found) for i, item in enumerate(node)]
     if not isinstance(node, dict):

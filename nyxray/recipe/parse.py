@@ -22,6 +22,7 @@ from ..errors import RecipeError, did_you_mean
 from ..io.safetensors import RECIPE_DTYPES
 from ..methods.registry import METHODS, unknown_method_hint
 from .lenient import Ignored, set_aside
+from .tokenizer import TokenizerSpec, chat_template, tokenizer_spec
 
 Scalar = float | int | bool | str
 # A setting as written: a scalar, a gradient list, or a list of {filter, value} conditionals.
@@ -29,8 +30,6 @@ Setting = Any
 
 UNSUPPORTED = {
     "modules": "multi-module architectures are not supported; use slices:",
-    "tokenizer": "building a tokenizer (tokenizer:) is not supported; use tokenizer_source: base or a model",
-    "chat_template": "chat_template is not supported; the donor's tokenizer files are copied as they are",
 }
 
 
@@ -71,6 +70,8 @@ class Recipe:
     origin: str
     random_seed: int | None = None  # seeds random methods (DARE, DELLA); --random-seed overrides it
     ignored: tuple[Ignored, ...] = ()  # keys mergekit ignores, set aside: warnings, or errors when strict
+    tokenizer: TokenizerSpec | None = None  # the output vocabulary (tokenizer_source: or tokenizer:); None keeps the donor's
+    chat_template: str | None = None  # auto, a built-in name or Jinja text
 
     @property
     def sha256(self) -> str:
@@ -242,17 +243,6 @@ def _check_base(method: str, base: str | None, slices: tuple[Slice, ...] | None,
             raise RecipeError("base_model", problem, origin)
 
 
-def _tokenizer_source(tok: Any, base: str | None, origin: str) -> str | None:
-    if tok is None:
-        return None
-    if tok == "union":
-        raise RecipeError("tokenizer_source", "'union' (building a merged vocabulary) is not supported; use base or a model", origin)
-    tok = _model_ref(tok, "tokenizer_source", origin)
-    if tok == "base" and base is None:
-        raise RecipeError("tokenizer_source", "'base' needs a top-level base_model", origin)
-    return tok
-
-
 def _random_seed(seed: Any, origin: str) -> int | None:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
         raise RecipeError("random_seed", f"must be an integer in [0, 2**63), got {seed!r}", origin)
@@ -297,7 +287,9 @@ def _parse(doc: Any, text: str, origin: str, ignored: tuple[Ignored, ...]) -> Re
         slices=slices,
         models=models,
         base_model=base,
-        tokenizer_source=_tokenizer_source(doc.get("tokenizer_source"), base, origin),
+        tokenizer_source=doc.get("tokenizer_source"),
+        tokenizer=tokenizer_spec(doc, origin, _check_keys, _model_ref),
+        chat_template=chat_template(doc.get("chat_template"), origin),
         random_seed=_random_seed(doc.get("random_seed"), origin),
         name=_stage_name(doc.get("name"), origin),
         parameters=_parameters(doc.get("parameters"), method, "top", "parameters", origin),

@@ -177,30 +177,37 @@ def expand(text: str, origin: str = "<sweep>") -> Sweep:
     if ("base" in doc) != ("grid" in doc):
         raise RecipeError("grid" if "base" in doc else "base", "base: and grid: go together", origin)
     if "grid" in doc:
-        grid = doc["grid"]
-        if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
-            raise RecipeError("grid", "must map recipe places to non-empty lists of values", origin)
-        base = _load_base(doc["base"], base_dir, origin)
-        axes = [str(a) for a in grid]
-        try:
-            for a in axes:  # a place missing from the base is the sweep's error, not each member's
-                _walk(base, a)
-        except RecipeError as e:
-            raise RecipeError("", str(e), origin) from None
-        prefix = str(doc.get("grid_prefix") or "")
-        for values in itertools.product(*(grid[a] for a in grid)):
-            label = ",".join(f"{_short(a)}={_label(v)}" for a, v in zip(axes, values))
-            name = _safe_name(f"{prefix}-{label}" if prefix else label)
-
-            def make(values: tuple = values, label: str = label) -> list[Recipe]:
-                doc_i = copy.deepcopy(base)
-                for a, v in zip(axes, values):
-                    node, step = _walk(doc_i, a)
-                    node[step] = copy.deepcopy(v)
-                return [parse_recipe(doc_i, yaml.safe_dump(doc_i, sort_keys=False), f"{origin} grid {label}")]
-
-            add(name, f"grid ({label})", make)
-            points[name] = tuple(zip(axes, values))
+        points = _expand_grid(doc, base_dir, origin, add)
     if not members:
         raise RecipeError("members", "the sweep has no members", origin)
     return Sweep(members, points, origin)
+
+
+def _expand_grid(doc: dict, base_dir: str, origin: str, add: Any) -> dict[str, tuple[tuple[str, Any], ...]]:
+    """Add the grid's members (the cross product of its axes over the base); returns where each sits."""
+    points: dict[str, tuple[tuple[str, Any], ...]] = {}
+    grid = doc["grid"]
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise RecipeError("grid", "must map recipe places to non-empty lists of values", origin)
+    base = _load_base(doc["base"], base_dir, origin)
+    axes = [str(a) for a in grid]
+    try:
+        for a in axes:  # a place missing from the base is the sweep's error, not each member's
+            _walk(base, a)
+    except RecipeError as e:
+        raise RecipeError("", str(e), origin) from None
+    prefix = str(doc.get("grid_prefix") or "")
+    for values in itertools.product(*(grid[a] for a in grid)):
+        label = ",".join(f"{_short(a)}={_label(v)}" for a, v in zip(axes, values))
+        name = _safe_name(f"{prefix}-{label}" if prefix else label)
+
+        def make(values: tuple = values, label: str = label) -> list[Recipe]:
+            doc_i = copy.deepcopy(base)
+            for a, v in zip(axes, values):
+                node, step = _walk(doc_i, a)
+                node[step] = copy.deepcopy(v)
+            return [parse_recipe(doc_i, yaml.safe_dump(doc_i, sort_keys=False), f"{origin} grid {label}")]
+
+        add(name, f"grid ({label})", make)
+        points[name] = tuple(zip(axes, values))
+    return points
