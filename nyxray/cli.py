@@ -38,6 +38,9 @@ def _source_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out-shard-size", default="5B", metavar="SIZE", help="output shard size in bytes, K/M/B suffixes (decimal); default 5B")
     g.add_argument("--allow-crimes", action="store_true", help="allow merging models of different architectures")
     g.add_argument("--unsafe-truncate-embeddings", action="store_true", help="cut embeddings of different vocabulary sizes to the common rows")
+    g.add_argument(
+        "--lora-merge-dtype", metavar="DTYPE", help="dtype a model+adapter's model is loaded in to apply the adapter, as mergekit (default: the model's own)"
+    )
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -87,6 +90,7 @@ def _common(args: argparse.Namespace) -> dict:
         out_shard_size=args.out_shard_size,
         allow_crimes=args.allow_crimes,
         unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
+        lora_merge_dtype=args.lora_merge_dtype,
     )
 
 

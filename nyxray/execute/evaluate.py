@@ -12,7 +12,7 @@ import torch
 
 from ..methods import registry
 from ..methods.base import Group
-from ..plan.expr import Cast, Expr, Leaf, Merge
+from ..plan.expr import Cast, Expr, Leaf, Lora, Merge
 
 # safetensors dtype name -> torch dtype
 TORCH_DTYPES = {
@@ -50,6 +50,8 @@ def _tensor(e: Expr, data: Mapping[tuple, memoryview], device: str) -> torch.Ten
         return _tensor(e.child, data, device).to(TORCH_DTYPES[e.dtype])
     if isinstance(e, Merge):
         return _merge(e, data, device)
+    if isinstance(e, Lora):
+        return _lora(e, data).to(device)
     raise TypeError(f"unknown expression {type(e).__name__}")
 
 
@@ -63,3 +65,15 @@ def _merge(e: Merge, data: Mapping[tuple, memoryview], device: str) -> torch.Ten
     if out.dtype != dtype or out.shape != tensors[0].shape:
         raise TypeError(f"{e.method} returned {out.dtype} {tuple(out.shape)}, expected {dtype} {tuple(tensors[0].shape)}")
     return out
+
+
+def _lora(e: Lora, data: Mapping[tuple, memoryview]) -> torch.Tensor:
+    """The weight with its LoRA adapter merged, bit for bit as mergekit 0.1.5 gets it from peft's
+    ``merge_and_unload``: the adapter's tensors in float32 (peft upcasts them on load), the delta
+    ``(B @ A) * scale`` in float32, added in place to the weight in its load dtype. Always on the
+    CPU, where mergekit merges adapters: a GPU's matmul rounds differently."""
+    weight = _tensor(e.child, data, "cpu").clone()  # a leaf's tensor is a view of the read buffer
+    a = _tensor(e.a, data, "cpu").float()
+    b = _tensor(e.b, data, "cpu").float()
+    weight += (b @ a) * e.scale
+    return weight

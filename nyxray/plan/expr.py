@@ -104,8 +104,37 @@ class Merge:
         return f"M({self.method},[{inputs}],base={self.base},{values},seed={self.seed},{self.dtype})"
 
 
-Expr = Leaf | Cast | Merge
-NODES = (Leaf, Cast, Merge)
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA adapter applied to one weight: ``child + scale * (b @ a)`` (:mod:`nyxray.plan.lora`).
+
+    ``child`` is the weight as the adapter's model is loaded for the adapter (its leaf, cast to
+    the LoRA merge dtype when that differs); ``a`` (r x in) and ``b`` (out x r) are the adapter's
+    tensors; the result keeps ``child``'s dtype, as peft's ``merge_and_unload`` does.
+    """
+
+    child: Expr
+    a: Leaf
+    b: Leaf
+    scale: float
+
+    @property
+    def dtype(self) -> str:
+        return self.child.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.child.shape
+
+    def leaves(self) -> list[Leaf]:
+        return [*self.child.leaves(), self.a, self.b]
+
+    def sig(self) -> str:
+        return f"A({self.child.sig()},{self.a.sig()},{self.b.sig()},{self.scale!r})"
+
+
+Expr = Leaf | Cast | Merge | Lora
+NODES = (Leaf, Cast, Merge, Lora)
 
 
 def _node(e: Expr) -> Expr:

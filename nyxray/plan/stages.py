@@ -19,7 +19,8 @@ from ..methods.registry import METHODS
 from ..recipe.parameters import filter_matches
 from ..recipe.parse import RECIPE_DTYPES, Recipe, Slice, Source
 from .expr import Leaf, leaves, nbytes_of, shape_of
-from .sources import Model, Resolver, load_model
+from .lora import load_reference, lora_merge_dtype
+from .sources import Model, Resolver
 from .tensor import PlannedTensor, StageContext, Want, check_slices, plan_tensor, present_inputs
 from .write_order import write_order
 
@@ -291,11 +292,14 @@ def plan(
     unsafe_truncate_embeddings: bool = False,
     model_cache: dict[str, Model] | None = None,
     random_seed: int | None = None,
+    lora_dtype: str | None = None,
 ) -> Plan:
     """Plan a recipe or pipeline: read every source model's headers, then plan each stage.
 
     ``model_cache`` (reference -> Model) lets several plans (a sweep's members) share header reads.
+    ``lora_dtype`` is ``--lora-merge-dtype`` (:mod:`nyxray.plan.lora`).
     """
+    lora_dtype = lora_merge_dtype(lora_dtype)
     resolver = resolver or Resolver()
     cache = model_cache if model_cache is not None else {}
     size = parse_size(out_shard_size)
@@ -315,7 +319,7 @@ def plan(
             if ref not in sources:
                 try:
                     if ref not in cache:
-                        cache[ref] = load_model(ref, resolver.locate(ref))
+                        cache[ref] = load_reference(ref, resolver, cache, lora_dtype)
                     sources[ref] = cache[ref]
                 except NyxrayError as e:
                     hint = did_you_mean(ref, stage_names) if stage_names else ""
