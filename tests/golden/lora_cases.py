@@ -109,10 +109,7 @@ def render(case: C.Case, model_dirs: dict[str, str], adapter_dirs: dict[str, str
 
 
 FT1, FT2, FT3 = C.FT
-CASES: tuple[C.Case, ...] = (
-    C.Case(
-        "lora_linear_ft",
-        f"""\
+_LINEAR = f"""\
 models:
   - model: <<model:{FT1}>>+<<adapter:{ATTN_MLP.name}>>
     parameters:
@@ -122,7 +119,11 @@ models:
       weight: 0.4
 merge_method: linear
 dtype: bfloat16
-""",
+"""
+CASES: tuple[C.Case, ...] = (
+    C.Case(
+        "lora_linear_ft",
+        _LINEAR,
         cli=("--out-shard-size", "1M"),
         out_shard_size=1_000_000,
         description="linear merge of a fine-tune with an adapter and another fine-tune, in 1 MB shards",
@@ -171,16 +172,7 @@ dtype: bfloat16
     ),
     C.Case(
         "lora_merge_dtype_f32",
-        f"""\
-models:
-  - model: <<model:{FT1}>>+<<adapter:{ATTN_MLP.name}>>
-    parameters:
-      weight: 0.6
-  - model: <<model:{FT2}>>
-    parameters:
-      weight: 0.4
-merge_method: linear
-""",
+        _LINEAR.replace("dtype: bfloat16\n", ""),
         cli=("--lora-merge-dtype", "float32"),
         description="--lora-merge-dtype float32 and no recipe dtype: the adapted model is float32, so the merge is",
     ),
