@@ -142,6 +142,8 @@ def test_plan_shows_what_each_adapter_changes_and_counts_its_reads(lora_inputs):
         with open(path, "rb") as f:
             header = 8 + int.from_bytes(f.read(8), "little")
         assert p.read_bytes_by_source()[adapters[adapter.name]] == os.path.getsize(path) - header
+        adapted = [m for m in p.sources.values() if m.adapter and m.adapter.ref == adapters[adapter.name]]
+        assert [m.header_bytes for m in adapted] == [header], "the adapter's header, once; its model's are counted on the model"
         assert f"model.layers.*.{'mlp' if module == 'down_proj' else 'self_attn'}.{module}.weight" in text
     assert "model.layers.*.mlp.gate_proj.weight" not in text.split("LoRA adapters")[1].split("parameters of")[0]
 
@@ -230,6 +232,14 @@ def test_a_pickled_adapter_or_a_missing_one_is_refused(lora_inputs, tmp_path):
         run(case, lora_inputs, str(tmp_path / "out"), adapters={L.ATTN_MLP.name: adapter})
     with pytest.raises(NyxrayError, match="LoRA adapter .*not found"):
         run(case, lora_inputs, str(tmp_path / "out"), adapters={L.ATTN_MLP.name: str(tmp_path / "nowhere")})
+
+
+def test_an_adapter_on_a_pipeline_stage_is_refused_naming_it(lora_inputs):
+    models, adapters = lora_inputs
+    stage = L.render(L.CASES_BY_NAME["lora_task_arithmetic_default_dtype"], models, adapters).replace("models:", "name: first\nmodels:", 1)
+    final = f"merge_method: passthrough\nmodels:\n  - model: first+{adapters[L.ATTN_MLP.name]}\n"
+    with pytest.raises(NyxrayError, match="models\\[0\\].model: 'first\\+.*LoRA adapter on a pipeline stage's output is not supported"):
+        nyxray.plan(stage + "---\n" + final)
 
 
 def test_lora_merge_dtype_is_checked_in_one_place(lora_inputs, tmp_path):

@@ -223,7 +223,8 @@ def _load_dtype(model: Model, lora_dtype: str | None) -> str:
 
 def apply_adapter(ref: str, model: Model, adapter: str, loc: Location, lora_dtype: str | None) -> Model:
     """``model`` with the adapter at ``loc`` merged into its tensors' expressions (``ref`` is
-    the whole ``model+adapter`` reference): reads the adapter's config and header only."""
+    the whole ``model+adapter`` reference): reads the adapter's config and header only. The
+    result's ``header_bytes`` are the adapter's: the model's are counted on ``model`` itself."""
     label = f"LoRA adapter {adapter!r} (in {ref!r})"
     files = loc.listdir()
     if CONFIG not in files or WEIGHTS not in files:
@@ -245,7 +246,7 @@ def apply_adapter(ref: str, model: Model, adapter: str, loc: Location, lora_dtyp
         tensors[name] = Lora(loaded, leaf(f["a"]), leaf(f["b"]), scales[name[: -len(".weight")]]) if f else loaded
     weights = tuple(f"{m}.weight" for m in sorted(factors))
     plan = AdapterPlan(adapter, loc, dtype, weights, header_bytes)
-    return dataclasses.replace(model, ref=ref, tensors=tensors, header_bytes=model.header_bytes + header_bytes, adapter=plan)
+    return dataclasses.replace(model, ref=ref, tensors=tensors, header_bytes=header_bytes, adapter=plan)
 
 
 def load_reference(ref: str, resolver: Resolver, cache: dict[str, Model], lora_dtype: str | None) -> Model:

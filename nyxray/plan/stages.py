@@ -17,7 +17,7 @@ from ..errors import ModelError, NyxrayError, RecipeError, did_you_mean
 from ..io.safetensors import ShardEntry, build_header
 from ..methods.registry import METHODS
 from ..recipe.parameters import filter_matches
-from ..recipe.parse import RECIPE_DTYPES, Recipe, Slice, Source
+from ..recipe.parse import RECIPE_DTYPES, Recipe, Slice, Source, split_reference
 from .expr import Leaf, leaves, nbytes_of, shape_of
 from .lora import load_reference, lora_merge_dtype
 from .sources import Model, Resolver
@@ -314,13 +314,16 @@ def plan(
             if ref in stage_models:
                 models[ref] = stage_models[ref]
                 continue
+            model_ref, adapter = split_reference(ref)
+            if adapter is not None and model_ref in stage_names:
+                raise RecipeError(path, f"{ref!r}: a LoRA adapter on a pipeline stage's output is not supported", recipe.origin)
             if ref in stage_names:
                 raise RecipeError(path, f"stage {ref!r} is used before it is defined", recipe.origin)
             if ref not in sources:
                 try:
                     if ref not in cache:
                         cache[ref] = load_reference(ref, resolver, cache, lora_dtype)
-                    sources[ref] = cache[ref]
+                    sources.update({r: cache[r] for r in (model_ref, ref)})  # a model+adapter reads its model too
                 except NyxrayError as e:
                     hint = did_you_mean(ref, stage_names) if stage_names else ""
                     if hint:
