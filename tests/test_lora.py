@@ -17,12 +17,19 @@ import pytest
 
 import nyxray
 from nyxray.errors import NyxrayError
+from nyxray.execute import cpu_capability
 from nyxray.plan.describe import plan_text
 from tests.golden import cases as C
 from tests.golden import lora_cases as L
 from tests.test_golden import config_disagreements
 
 GOLDEN = json.load(open(L.GOLDEN_PATH))
+# lora.json holds mergekit's bytes under one CPU kernel set; the merges around the adapters (linear
+# sums...) round differently under others, so byte parity is checked under that set only.
+RUNNING = cpu_capability.current()
+parity = pytest.mark.skipif(
+    RUNNING != GOLDEN["cpu_capability"].lower(), reason=f"torch computes with {RUNNING} kernels here; lora.json was recorded under {GOLDEN['cpu_capability']}"
+)
 
 
 def test_golden_file_states_what_it_was_made_with():
@@ -70,11 +77,13 @@ def check(case: C.Case, out: str) -> None:
 
 
 @pytest.mark.parametrize("case", L.CASES, ids=lambda c: c.name)
+@parity
 def test_matches_mergekit(case, lora_inputs, tmp_path):
     run(case, lora_inputs, str(tmp_path / "out"))
     check(case, str(tmp_path / "out"))
 
 
+@parity
 def test_ray_with_sub_shard_parts_matches_and_resumes(lora_inputs, tmp_path, ray_cluster):
     case = L.CASES_BY_NAME["lora_ties_base"]
     out = str(tmp_path / "out")
@@ -101,6 +110,7 @@ def test_the_adapter_is_part_of_the_output_identity(lora_inputs, tmp_path):
         run(other_case, lora_inputs, out, adapters=other, overwrite=False)
 
 
+@parity
 def test_adapter_on_s3(lora_inputs, tmp_path, s3_server, s3_bucket):
     import s3fs
 
@@ -114,6 +124,7 @@ def test_adapter_on_s3(lora_inputs, tmp_path, s3_server, s3_bucket):
     check(case, out)
 
 
+@parity
 def test_adapter_from_the_hub_cache(lora_inputs, tmp_path, monkeypatch):
     import huggingface_hub.constants as constants
 
@@ -251,6 +262,7 @@ def test_lora_merge_dtype_is_checked_in_one_place(lora_inputs, tmp_path):
         nyxray.sweep("members: {}", str(tmp_path / "sweep"), lora_merge_dtype="fp32")
 
 
+@parity
 def test_mergekit_lora_flags_work_unchanged(lora_inputs, tmp_path, capsys):
     from nyxray.cli import main
 
