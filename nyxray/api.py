@@ -16,6 +16,7 @@ from .errors import NyxrayError
 from .execute.execution import OPTIONS, build
 from .io.location import location
 from .output.commit import verify as verify_output
+from .plan.lora import lora_merge_dtype
 from .plan.sources import Resolver
 from .plan.stages import Plan, parse_size
 from .plan.stages import plan as make_plan
@@ -39,12 +40,16 @@ def plan(
     unsafe_truncate_embeddings: bool = False,
     random_seed: int | None = None,
     strict: bool = False,
+    lora_merge_dtype: str | None = None,
 ) -> Plan:
     """Plan a recipe (a path, YAML text, or parsed recipes) from model headers alone.
 
     ``random_seed`` seeds random methods (DARE, DELLA); default: the recipe's ``random_seed``, else 0.
     Keys mergekit 0.1.5 ignores (a typo such as ``dype:``, ``metadata:``) are ignored too, each
     with a warning in the plan (did-you-mean included); ``strict`` makes them errors.
+    ``lora_merge_dtype`` (``bfloat16``, ``float16``, ``float32``, ``float64``) is the dtype a
+    ``model+adapter`` reference's model is loaded in to apply its adapter, as mergekit's
+    ``--lora-merge-dtype``; default: the model's own (docs/lora.md).
 
     Raises :class:`~nyxray.errors.NyxrayError` subclasses naming the culprit for any recipe or
     model problem; reads no tensor data and writes nothing.
@@ -59,6 +64,7 @@ def plan(
         unsafe_truncate_embeddings,
         random_seed=_seed(random_seed),
         strict=strict,
+        lora_dtype=lora_merge_dtype,
     )
 
 
@@ -95,6 +101,7 @@ def merge(
     random_seed: int | None = None,
     cpu_capability: str | None = None,
     strict: bool = False,
+    lora_merge_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Merge ``recipe`` into ``out`` (a local path or any fsspec URL) and return the run report.
 
@@ -104,8 +111,8 @@ def merge(
     are kept. How the merge runs (``executor``, ``device``, ``address``, ``actors``,
     ``actor_cpus``, ``actor_gpus``, ``keep_actors``, ``unit_size``, ``cpu_capability``,
     ``progress``) is one :class:`~nyxray.execute.execution.Execution`, documented there.
-    ``random_seed`` seeds random methods (DARE, DELLA) and ``strict`` refuses keys mergekit
-    ignores: see :func:`plan`.
+    ``random_seed`` seeds random methods (DARE, DELLA), ``strict`` refuses keys mergekit ignores
+    and ``lora_merge_dtype`` sets the dtype LoRA adapters are merged in: see :func:`plan`.
 
     The report has ``wall_s``, ``timings_s`` (plan, start, run, commit), ``throughput_mb_s``
     (bytes read and written per second of wall time), ``steady_throughput_mb_s`` (the same per
@@ -202,7 +209,14 @@ def sweep(sweep: str | os.PathLike[str], out: str, *, fail_fast: bool = False, r
     execution, writes = build(**options)
     parse_size(planning["out_shard_size"])
     resolver = _resolver(planning["models"], planning["models_root"], planning["storage_options"])
-    how = (planning["out_shard_size"], planning["allow_crimes"], planning["unsafe_truncate_embeddings"], _seed(planning["random_seed"]), planning["strict"])
+    how = (
+        planning["out_shard_size"],
+        planning["allow_crimes"],
+        planning["unsafe_truncate_embeddings"],
+        _seed(planning["random_seed"]),
+        lora_merge_dtype(planning["lora_merge_dtype"]),
+        planning["strict"],
+    )
     job = SweepJob(expand(*sweep_text(sweep)), out, planning["storage_options"], resolver, how, fail_fast)
     return run_job(job, execution, writes, report, started)
 

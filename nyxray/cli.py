@@ -39,6 +39,9 @@ def _source_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-crimes", action="store_true", help="allow merging models of different architectures")
     g.add_argument("--unsafe-truncate-embeddings", action="store_true", help="cut embeddings of different vocabulary sizes to the common rows")
     g.add_argument("--strict", action="store_true", help="refuse recipe keys mergekit ignores (by default each is ignored with a warning)")
+    g.add_argument(
+        "--lora-merge-dtype", metavar="DTYPE", help="dtype a model+adapter's model is loaded in to apply the adapter, as mergekit (default: the model's own)"
+    )
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -89,6 +92,7 @@ def _common(args: argparse.Namespace) -> dict:
         allow_crimes=args.allow_crimes,
         unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
         strict=args.strict,
+        lora_merge_dtype=args.lora_merge_dtype,
     )
 
 

@@ -21,6 +21,7 @@ _NOTES: dict[str, tuple[str, str]] = {
     "--write-threads": ("int", "each shard is streamed by its own writer thread"),
     "--num-threads": ("int", "each tensor's math runs on one thread (mergekit --num-threads 1 bits); workers give the parallelism"),
     "--transformers-cache": ("str", "models are read from their storage URL or the Hugging Face cache in place"),
+    "--lora-merge-cache": ("str", "LoRA adapters are applied to each weight as it is read: no merged copy of the model is made or cached"),
     "--verbose": ("count", "nyxray's progress line and report say what happened"),
 }
 

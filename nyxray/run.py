@@ -273,7 +273,7 @@ class SweepJob:
     out: str
     storage_options: dict[str, Any] | None
     resolver: Resolver
-    planning: tuple  # out_shard_size, allow_crimes, unsafe_truncate_embeddings, random_seed, strict
+    planning: tuple  # out_shard_size, allow_crimes, unsafe_truncate_embeddings, random_seed, lora_merge_dtype, strict
     fail_fast: bool
     share_reads: bool = True
     cache: dict[str, Model] = field(default_factory=dict)
@@ -287,12 +287,14 @@ class SweepJob:
         return needs_math([r for rs in self.sweep.members.values() if not isinstance(rs, NyxrayError) for r in rs])
 
     def plan(self) -> list[Target]:
-        shard_size, crimes, truncate, seed, strict = self.planning
+        shard_size, crimes, truncate, seed, lora_dtype, strict = self.planning
         for name, recipes in self.sweep.members.items():
             try:
                 if isinstance(recipes, NyxrayError):
                     raise recipes
-                self.plans[name] = make_plan(recipes, self.resolver, shard_size, crimes, truncate, model_cache=self.cache, random_seed=seed, strict=strict)
+                self.plans[name] = make_plan(
+                    recipes, self.resolver, shard_size, crimes, truncate, model_cache=self.cache, random_seed=seed, lora_dtype=lora_dtype, strict=strict
+                )
             except NyxrayError as e:
                 if self.fail_fast:
                     raise NyxrayError(f"sweep member {name!r}: {e}") from None

@@ -244,7 +244,10 @@ def test_tokenizer_keys_become_one_spec():
 def test_model_references():
     assert parse_error(SLERP.replace("model: b", "model: ''")).path == "slices[0].sources[1].model"
     assert parse_error(SLERP.replace("model: b", "model: [b]")).path == "slices[0].sources[1].model"
-    assert "LoRA" in str(parse_error(SLERP.replace("model: b", "model: org/b+org/lora")))
+    assert parse_pipeline(SLERP.replace("model: b", "model: org/b+org/lora"))[0].slices[0].sources[1].model == "org/b+org/lora"
+    assert "more than one '+'" in str(parse_error(SLERP.replace("model: b", "model: org/b+org/l1+org/l2")))
+    assert "needs both parts" in str(parse_error(SLERP.replace("model: b", "model: org/b+")))
+    assert "'@revision'" in str(parse_error(SLERP.replace("model: b", "model: org/b@v1+org/lora@v1@v2")))
     assert "'@revision'" in str(parse_error(SLERP.replace("model: b", "model: org/b@v1@v2")))
     assert parse_error(SLERP.replace("base_model: a", "base_model: 3")).path == "base_model"
 

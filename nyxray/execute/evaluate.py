@@ -13,7 +13,7 @@ import torch
 
 from ..methods import registry
 from ..methods.base import ChunkSource, Group
-from ..plan.expr import Cast, Expr, Join, Leaf, Merge, Rows
+from ..plan.expr import Cast, Expr, Join, Leaf, Lora, Merge, Rows
 from .rows import permute_rows
 
 # safetensors dtype name -> torch dtype
@@ -74,6 +74,8 @@ def _tensor(e: Expr, data: Mapping[tuple, memoryview], device: str) -> torch.Ten
         return torch.cat([_tensor(p, data, device).reshape(-1) for p in e.parts]).reshape(e.shape)
     if isinstance(e, Rows):  # on the CPU, where mergekit permutes: its padding mean is a reduction
         return permute_rows([_tensor(x, data, "cpu") for x in e.group], e.index, e.table).to(device)
+    if isinstance(e, Lora):
+        return _lora(e, data).to(device)
     raise TypeError(f"unknown expression {type(e).__name__}")
 
 
@@ -91,3 +93,15 @@ def _group(e: Merge, inputs: list) -> Group:
     """The method's view of ``e``: its inputs (tensors, or chunk sources) and resolved values."""
     generator = torch.Generator().manual_seed(e.seed) if e.seed is not None else None
     return Group(inputs, e.base, dict(e.params), {k: list(v) for k, v in e.per_input}, generator)
+
+
+def _lora(e: Lora, data: Mapping[tuple, memoryview]) -> torch.Tensor:
+    """The weight with its LoRA adapter merged, bit for bit as mergekit 0.1.5 gets it from peft's
+    ``merge_and_unload``: the adapter's tensors in float32 (peft upcasts them on load), the delta
+    ``(B @ A) * scale`` in float32, added in place to the weight in its load dtype. Always on the
+    CPU, where mergekit merges adapters: a GPU's matmul rounds differently."""
+    weight = _tensor(e.child, data, "cpu").clone()  # a leaf's tensor is a view of the read buffer
+    a = _tensor(e.a, data, "cpu").float()
+    b = _tensor(e.b, data, "cpu").float()
+    weight += (b @ a) * e.scale
+    return weight

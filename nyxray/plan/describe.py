@@ -8,6 +8,7 @@ from typing import Any
 from ..execute.progress import human
 from ..methods.base import Method, Param
 from ..methods.registry import METHODS
+from .expr import leaves
 from .stages import Plan, StagePlan
 
 
@@ -43,10 +44,27 @@ def plan_text(p: Plan) -> str:
     for model, n in p.read_bytes_by_source().items():
         lines.append(f"  {model}: {human(n)}")
     lines.append(f"  total: {human(p.bytes_read_min())} (+ {human(p.header_bytes)} of headers, already read)")
+    lines += _adapter_lines(p)
     lines += _parameter_lines(final)
     for w in p.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def _adapter_lines(p: Plan) -> list[str]:
+    """Each LoRA reference: the weights its adapter changes, and the output tensors that read it
+    (layer numbers folded)."""
+    adapted = [m for m in p.sources.values() if m.adapter is not None]
+    if not adapted:
+        return []
+    lines = ["LoRA adapters (merged into each weight as it is read; no merged copy is written):"]
+    for m in adapted:
+        a = m.adapter
+        outs = sorted({_group(t.name) for t in p.final.tensors if any(a.reads(leaf) for leaf in leaves(t.expr))})
+        modules = ", ".join(sorted({w.split(".")[-2] for w in a.weights}))
+        lines.append(f"  {m.ref}: changes {len(a.weights)} weights ({modules}) of the model loaded in {a.dtype}; read by:")
+        lines += [f"    {g}" for g in outs] or ["    no output tensor"]
+    return lines
 
 
 def _parameter_lines(stage: StagePlan) -> list[str]:

@@ -171,8 +171,37 @@ class Rows:
         return f"R({self.index},{self.table.digest},[{','.join(e.sig() for e in self.group)}])"
 
 
-Expr = Leaf | Cast | Merge | Join | Rows
-NODES = (Leaf, Cast, Merge, Join, Rows)
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA adapter applied to one weight: ``child + scale * (b @ a)`` (:mod:`nyxray.plan.lora`).
+
+    ``child`` is the weight as the adapter's model is loaded for the adapter (its leaf, cast to
+    the LoRA merge dtype when that differs); ``a`` (r x in) and ``b`` (out x r) are the adapter's
+    tensors; the result keeps ``child``'s dtype, as peft's ``merge_and_unload`` does.
+    """
+
+    child: Expr
+    a: Leaf
+    b: Leaf
+    scale: float
+
+    @property
+    def dtype(self) -> str:
+        return self.child.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.child.shape
+
+    def leaves(self) -> list[Leaf]:
+        return [*self.child.leaves(), self.a, self.b]
+
+    def sig(self) -> str:
+        return f"A({self.child.sig()},{self.a.sig()},{self.b.sig()},{self.scale!r})"
+
+
+Expr = Leaf | Cast | Merge | Join | Rows | Lora
+NODES = (Leaf, Cast, Merge, Join, Rows, Lora)
 
 
 def _node(e: Expr) -> Expr:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ModelError, StorageError
 from ..io.location import Location, location, redact
-from ..io.safetensors import header_length, parse_header
+from ..io.safetensors import TensorInfo, header_length, parse_header
 from .architectures import Architecture, adapt, architecture_of
 from .expr import Expr, Leaf
 
@@ -102,6 +102,7 @@ class Model:
     files_loc: Location | None = None  # where extra_files are (a stage: its donor's location)
     converted: frozenset[str] = frozenset()  # tensors read through a checkpoint conversion (.architectures.layout)
     tokenizer_files: dict[str, bytes] | None = None  # a tokenizer a stage built (then extra_files are not its own)
+    adapter: Any = None  # a model+adapter reference: the adapter's plan (nyxray.plan.lora.AdapterPlan)
 
     @property
     def num_layers(self) -> int:
@@ -126,15 +127,25 @@ class Model:
         return e.name if isinstance(e, Leaf) and self.loc is not None else name
 
 
-def _read_json(loc: Location, name: str, ref: str) -> Any:
+def read_json(loc: Location, name: str, ref: str, what: str = "model") -> Any:
+    """A small JSON file of ``what`` ``ref`` (a model, an adapter), parsed; errors name both."""
     try:
         raw = loc.read(name)
     except StorageError as e:
-        raise ModelError(f"model {ref!r}: cannot read {name}: {e}") from None
+        raise ModelError(f"{what} {ref!r}: cannot read {name}: {e}") from None
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, over-long integers, deep nesting
-        raise ModelError(f"model {ref!r}: {loc.url(name)} is not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        raise ModelError(f"{what} {ref!r}: {loc.url(name)} is not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+
+
+def read_header(loc: Location, name: str) -> tuple[dict[str, TensorInfo], int]:
+    """A safetensors file's tensors, from two ranged reads, and the bytes its header takes."""
+    size = loc.size(name)
+    url = loc.url(name)
+    n = header_length(loc.read_range(name, 0, min(8, size)), url, size)
+    tensors, _ = parse_header(loc.read_range(name, 8, 8 + n), url, size)
+    return tensors, 8 + n
 
 
 def _safe_file_name(name: Any, where: str) -> str:
@@ -172,11 +183,11 @@ def load_model(ref: str, loc: Location, allow_pickle: bool = False) -> Model:
         raise ModelError(f"model {ref!r}: {loc.display} does not exist or is empty")
     if "config.json" not in files:
         raise ModelError(f"model {ref!r}: {loc.display} has no config.json")
-    config = _read_json(loc, "config.json", ref)
+    config = read_json(loc, "config.json", ref)
     if not isinstance(config, dict):
         raise ModelError(f"model {ref!r}: {loc.url('config.json')} is not a JSON object")
     if INDEX in files:
-        index = _read_json(loc, INDEX, ref)
+        index = read_json(loc, INDEX, ref)
         wmap = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wmap, dict) or not wmap:
             raise ModelError(f"model {ref!r}: {loc.url(INDEX)} has no weight_map")
@@ -197,11 +208,7 @@ def load_model(ref: str, loc: Location, allow_pickle: bool = False) -> Model:
         raise ModelError(f"model {ref!r}: the index names shard(s) that do not exist: {', '.join(missing)}")
 
     def header(shard: str) -> tuple[str, dict, int]:
-        size = loc.size(shard)
-        url = loc.url(shard)
-        n = header_length(loc.read_range(shard, 0, min(8, size)), url, size)
-        tensors, _ = parse_header(loc.read_range(shard, 8, 8 + n), url, size)
-        return shard, tensors, 8 + n
+        return (shard, *read_header(loc, shard))
 
     with ThreadPoolExecutor(max_workers=min(16, len(shard_names))) as pool:
         headers = list(pool.map(header, shard_names))

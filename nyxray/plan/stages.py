@@ -19,11 +19,12 @@ from ..io.safetensors import ShardEntry, build_header
 from ..methods.registry import METHODS
 from ..recipe.lenient import refuse
 from ..recipe.parameters import filter_matches
-from ..recipe.parse import RECIPE_DTYPES, Recipe, Slice
+from ..recipe.parse import RECIPE_DTYPES, Recipe, Slice, split_reference
 from .architectures import stage_architecture
 from .expr import Leaf, leaves, nbytes_of, shape_of, signature
+from .lora import load_reference, lora_merge_dtype
 from .modules import module_slices, set_layer_counts, wanted
-from .sources import Model, Resolver, load_model
+from .sources import Model, Resolver
 from .tensor import PlannedTensor, StageContext, check_slices, plan_tensor, present_inputs
 from .vocab import plan_vocabulary
 from .write_order import write_order
@@ -281,14 +282,17 @@ def plan(
     model_cache: dict[str, Model] | None = None,
     random_seed: int | None = None,
     strict: bool = False,
+    lora_dtype: str | None = None,
 ) -> Plan:
     """Plan a recipe or pipeline: read every source model's headers, then plan each stage.
 
     ``model_cache`` (reference -> Model) lets several plans (a sweep's members) share header reads.
     ``strict`` refuses keys mergekit ignores (else each is a warning), before anything is read.
+    ``lora_dtype`` is ``--lora-merge-dtype`` (:mod:`nyxray.plan.lora`).
     """
     for recipe in recipes if strict else ():
         refuse(recipe.ignored, recipe.origin)
+    lora_dtype = lora_merge_dtype(lora_dtype)
     resolver = resolver or Resolver()
     cache = model_cache if model_cache is not None else {}
     size = parse_size(out_shard_size)
@@ -303,13 +307,16 @@ def plan(
             if ref in stage_models:
                 models[ref] = stage_models[ref]
                 continue
+            model_ref, adapter = split_reference(ref)
+            if adapter is not None and model_ref in stage_names:
+                raise RecipeError(path, f"{ref!r}: a LoRA adapter on a pipeline stage's output is not supported", recipe.origin)
             if ref in stage_names:
                 raise RecipeError(path, f"stage {ref!r} is used before it is defined", recipe.origin)
             if ref not in sources:
                 try:
                     if ref not in cache:
-                        cache[ref] = load_model(ref, resolver.locate(ref))
-                    sources[ref] = cache[ref]
+                        cache[ref] = load_reference(ref, resolver, cache, lora_dtype)
+                    sources.update({r: cache[r] for r in (model_ref, ref)})  # a model+adapter reads its model too
                 except NyxrayError as e:
                     hint = did_you_mean(ref, stage_names) if stage_names else ""
                     if hint:

@@ -14,7 +14,7 @@ from ..errors import ModelError, RecipeError, did_you_mean
 from ..methods.base import Method, Param
 from ..recipe.parameters import resolve
 from ..recipe.parse import Recipe, Slice, Source
-from .expr import Expr, Leaf, Merge, Rows, cast, nbytes_of, promote, shape_of
+from .expr import Cast, Expr, Leaf, Merge, Rows, cast, nbytes_of, promote, shape_of
 from .sources import Model
 from .vocab import Vocabulary, row_table
 
@@ -109,9 +109,9 @@ def _truncate_rows(e: Expr, rows: int) -> Expr:
     if isinstance(e, Leaf):
         row_bytes = (e.end - e.start) // e.shape[0]
         return Leaf(e.loc, e.file, e.start, e.start + rows * row_bytes, e.dtype, (rows,) + e.shape[1:], e.model, e.name)
-    if not isinstance(e, Merge):
+    if isinstance(e, Cast):
         return cast(_truncate_rows(e.child, rows), e.dtype)
-    raise ModelError("vocabulary truncation of a tensor computed by an earlier merge stage is not supported")
+    raise ModelError("vocabulary truncation of a computed tensor (an earlier merge stage's, or one a LoRA adapter changes) is not supported")
 
 
 def tensor_seed(random_seed: int, name: str) -> int:

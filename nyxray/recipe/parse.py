@@ -98,14 +98,25 @@ def _check_keys(node: Any, path: str, origin: str) -> dict:
     return node
 
 
+def split_reference(ref: str) -> tuple[str, str | None]:
+    """``model+adapter`` -> (model, adapter); a plain reference -> (ref, None). mergekit splits on
+    every ``+`` (URLs included), so a reference holds at most one."""
+    model, plus, adapter = ref.partition("+")
+    return (model, adapter) if plus else (ref, None)
+
+
 def _model_ref(value: Any, path: str, origin: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise RecipeError(path, f"a model reference must be a non-empty string, got {value!r}", origin)
-    if "+" in value and "://" not in value:
-        raise RecipeError(path, f"LoRA references ({value!r}) are not supported", origin)
-    if value.count("@") > 1 and "://" not in value:
-        raise RecipeError(path, f"{value!r} has more than one '@revision'", origin)
-    return value.strip()
+    value = value.strip()
+    if value.count("+") > 1:
+        raise RecipeError(path, f"{value!r} has more than one '+': a reference is MODEL or MODEL+LORA_ADAPTER", origin)
+    for part in split_reference(value):
+        if part is not None and not part.strip():
+            raise RecipeError(path, f"{value!r}: MODEL+LORA_ADAPTER needs both parts", origin)
+        if part is not None and part.count("@") > 1 and "://" not in part:
+            raise RecipeError(path, f"{value!r} has more than one '@revision' in {part!r}", origin)
+    return value
 
 
 def _number(v: Any) -> bool:
