@@ -131,3 +131,30 @@ def test_an_undeclared_model_without_a_layer_pattern_is_refused(family_inputs, t
     save_file(flat, str(dst / "model.safetensors"))
     with pytest.raises(NyxrayError, match=r"'FlatForCausalLM' is not in nyxray's catalogue.*<prefix>.<N>.<suffix>"):
         nyxray.plan(f"models:\n  - model: {dst}\nmerge_method: passthrough\n")
+
+
+@pytest.mark.parametrize("family", ["gemma", "mixtral"])
+def test_a_pipeline_stage_on_the_family_equals_the_stages_run_one_by_one(family, family_inputs, tmp_path):
+    """A SLERP stage of Gemma (tied head) or Mixtral (joined experts) fed to a layer stack: fused in
+    one pass, it writes what the two merges written one after the other do."""
+    _, models = family_inputs
+    first = "name: s\n" + render_recipe(F.CASES_BY_NAME[f"{family}_slerp"], models, {})
+    stack = "slices:\n  - sources:\n      - model: {s}\n        layer_range: [0, 2]\n  - sources:\n      - model: {s}\n        layer_range: [1, 3]\nmerge_method: passthrough\n"
+    opts = dict(executor="local", progress=False, write_model_card=False)
+    nyxray.merge(first + "---\n" + stack.format(s="s"), str(tmp_path / "fused"), **opts)
+    nyxray.merge(first, str(tmp_path / "s"), **opts)
+    nyxray.merge(stack.format(s=tmp_path / "s"), str(tmp_path / "apart"), **opts)
+    shards = {f: _sha(str(tmp_path / "apart" / f)) for f in os.listdir(tmp_path / "apart") if f.endswith(".safetensors")}
+    assert shards and {f: _sha(str(tmp_path / "fused" / f)) for f in shards} == shards
+
+
+def test_a_sweep_over_a_multimodal_recipe(family_inputs, tmp_path):
+    """Grid members of a Gemma 3 multimodal SLERP: the one with the golden's t is mergekit's model."""
+    import yaml
+
+    _, models = family_inputs
+    case = F.CASES_BY_NAME["gemma3_vl_slerp"]
+    doc = {"base": yaml.safe_load(render_recipe(case, models, {})), "grid": {"parameters.t": [[0.1, 0.6, 0.9], 0.5]}}
+    report = nyxray.sweep(yaml.safe_dump(doc), str(tmp_path), executor="local", progress=False, write_model_card=False, out_shard_size=case.out_shard_size)
+    assert sorted(report["members"]) == ["t=0.1_0.6_0.9", "t=0.5"] and not report["failed"]
+    check(case, str(tmp_path / "t=0.1_0.6_0.9"))

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 import nyxray
 from nyxray.errors import RecipeError
@@ -111,3 +112,38 @@ def test_a_token_source_outside_the_tensor_inputs_is_a_plan_error(models):
     recipe = recipe.replace("tokenizer_source: union\n", "")
     with pytest.raises(RecipeError, match="not an input of this tensor"):
         nyxray.plan(recipe)
+
+
+def _shards(out: str) -> dict[str, str]:
+    return {f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest() for f in os.listdir(out) if f.endswith(".safetensors")}
+
+
+def test_a_union_stage_fused_in_a_pipeline_equals_the_stages_run_one_by_one(models, tmp_path):
+    """The union vocabulary a stage builds travels to the next stage, which builds a union of its
+    own over it: the fused pipeline writes what the two merges written one after the other do."""
+    first = "name: u\n" + render_recipe(T.CASES_BY_NAME["union_linear"], models, {})
+    second = (
+        "models:\n  - model: {u}\n  - model: {twin}\nmerge_method: slerp\nbase_model: {u}\nparameters:\n  t: 0.3\ntokenizer_source: union\ndtype: bfloat16\n"
+    )
+    opts = dict(executor="local", progress=False, write_model_card=False)
+    fused = str(tmp_path / "fused")
+    nyxray.merge(first + "---\n" + second.format(u="u", twin=models["twin"]), fused, **opts)
+    stage = str(tmp_path / "u")
+    nyxray.merge(first, stage, **opts)
+    apart = str(tmp_path / "apart")
+    nyxray.merge(second.format(u=stage, twin=models["twin"]), apart, **opts)
+    assert _shards(fused) == _shards(apart)
+    assert T.tokenizer_facts(fused) == T.tokenizer_facts(apart)
+    assert json.load(open(os.path.join(fused, "config.json")))["vocab_size"] == json.load(open(os.path.join(apart, "config.json")))["vocab_size"]
+
+
+def test_a_sweep_over_a_union_recipe_writes_each_member_as_merged_alone(models, tmp_path):
+    base = render_recipe(T.CASES_BY_NAME["union_slerp"], models, {})
+    sweep = {"base": yaml.safe_load(base), "grid": {"parameters.t": [0.2, 0.4]}}
+    report = nyxray.sweep(yaml.safe_dump(sweep), str(tmp_path / "sweep"), executor="local", progress=False, write_model_card=False)
+    assert sorted(report["members"]) == ["t=0.2", "t=0.4"]
+    alone = str(tmp_path / "alone")
+    nyxray.merge(base.replace("t: 0.4", "t: 0.2"), alone, executor="local", progress=False, write_model_card=False)
+    assert _shards(str(tmp_path / "sweep" / "t=0.2")) == _shards(alone)
+    assert T.tokenizer_facts(str(tmp_path / "sweep" / "t=0.2")) == T.tokenizer_facts(alone)
+    check_case("union_slerp", str(tmp_path / "sweep" / "t=0.4"))
