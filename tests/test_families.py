@@ -17,17 +17,14 @@ import pytest
 
 import nyxray
 from nyxray.errors import ModelError, NyxrayError
-from nyxray.execute import cpu_capability
 from nyxray.plan.architectures import CATALOGUE
 from tests.golden import families as F
 from tests.golden.cases import render_recipe
+from tests.golden.expected import recorded_under
 from tests.test_golden import config_disagreements
 
 GOLDEN = F.load_golden()
-pytestmark = pytest.mark.skipif(
-    cpu_capability.current() != GOLDEN["cpu_capability"].lower(),
-    reason=f"mergekit's bytes were recorded under {GOLDEN['cpu_capability']} kernels, this process runs {cpu_capability.current()}",
-)
+pytestmark = recorded_under(GOLDEN, "families.json")
 MERGED = [c for c in F.CASES if "error" not in GOLDEN["cases"][c.name]]
 
 

@@ -17,19 +17,16 @@ import pytest
 
 import nyxray
 from nyxray.errors import NyxrayError
-from nyxray.execute import cpu_capability
 from nyxray.plan.describe import plan_text
 from tests.golden import cases as C
 from tests.golden import lora_cases as L
+from tests.golden.expected import recorded_under
 from tests.test_golden import config_disagreements
 
 GOLDEN = json.load(open(L.GOLDEN_PATH))
 # lora.json holds mergekit's bytes under one CPU kernel set; the merges around the adapters (linear
 # sums...) round differently under others, so byte parity is checked under that set only.
-RUNNING = cpu_capability.current()
-parity = pytest.mark.skipif(
-    RUNNING != GOLDEN["cpu_capability"].lower(), reason=f"torch computes with {RUNNING} kernels here; lora.json was recorded under {GOLDEN['cpu_capability']}"
-)
+parity = recorded_under(GOLDEN, "lora.json")
 
 
 def test_golden_file_states_what_it_was_made_with():

@@ -22,9 +22,12 @@ from nyxray.errors import RecipeError
 from nyxray.recipe.parse import parse_recipe
 from tests.golden import tokenizer_cases as T
 from tests.golden.cases import render_recipe
+from tests.golden.expected import recorded_under
 
 with open(os.path.join(os.path.dirname(__file__), "golden", "tokenizers.json")) as _fh:
-    GOLDEN = json.load(_fh)["cases"]
+    GOLDEN_FILE = json.load(_fh)
+GOLDEN = GOLDEN_FILE["cases"]
+parity = recorded_under(GOLDEN_FILE, "tokenizers.json")
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +58,13 @@ def check_case(name: str, out: str) -> None:
     assert json.loads(json.dumps(T.tokenizer_facts(out))) == want["tokenizer"], f"{name}: the tokenizer differs from mergekit's"
 
 
+@parity
 @pytest.mark.parametrize("name", [c.name for c in T.CASES])
 def test_matches_mergekit(name, models, tmp_path):
     check_case(name, merge_case(name, models, str(tmp_path / name)))
 
 
+@parity
 def test_tokenizer_block_on_ray(models, tmp_path, ray_cluster):
     """The row tables travel in the units to Ray actors, which give the same bytes."""
     out = str(tmp_path / "ray")
@@ -137,6 +142,7 @@ def test_a_union_stage_fused_in_a_pipeline_equals_the_stages_run_one_by_one(mode
     assert json.load(open(os.path.join(fused, "config.json")))["vocab_size"] == json.load(open(os.path.join(apart, "config.json")))["vocab_size"]
 
 
+@parity
 def test_a_sweep_over_a_union_recipe_writes_each_member_as_merged_alone(models, tmp_path):
     base = render_recipe(T.CASES_BY_NAME["union_slerp"], models, {})
     sweep = {"base": yaml.safe_load(base), "grid": {"parameters.t": [0.2, 0.4]}}
