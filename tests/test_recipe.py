@@ -241,6 +241,12 @@ def test_tokenizer_keys_become_one_spec():
     assert token == "<x>" and spec.force and spec.source.model is None
 
 
+def test_a_mergekit_moe_config_is_named_as_such():
+    text = "base_model: a\ngate_mode: cheap_embed\ndtype: bfloat16\nexperts:\n  - source_model: b\n    positive_prompts: [code]\n"
+    e = parse_error(text)
+    assert "mergekit-moe config (gate_mode:, experts:)" in str(e) and "merge_method" not in str(e)
+
+
 def test_model_references():
     assert parse_error(SLERP.replace("model: b", "model: ''")).path == "slices[0].sources[1].model"
     assert parse_error(SLERP.replace("model: b", "model: [b]")).path == "slices[0].sources[1].model"

@@ -266,11 +266,28 @@ def _stage_name(name: Any, origin: str) -> str | None:
     return name
 
 
+# keys of a mergekit-moe config, which has no merge_method: told apart before leniency would
+# turn them into warnings and the error into "merge_method is required"
+MOE_KEYS = ("gate_mode", "experts", "shared_experts", "experts_per_token")
+
+
+def _refuse_moe_config(doc: Any, origin: str) -> None:
+    found = [k for k in MOE_KEYS if isinstance(doc, dict) and "merge_method" not in doc and k in doc]
+    if found:
+        raise RecipeError(
+            "",
+            f"this is a mergekit-moe config ({', '.join(f'{k}:' for k in found)}), not a mergekit-yaml recipe; "
+            "nyxray does not assemble mixture-of-experts models yet",
+            origin,
+        )
+
+
 def parse_recipe(doc: Any, text: str, origin: str = "<recipe>") -> Recipe:
     """Validate one parsed YAML document; ``text`` is its source, kept for the model card.
 
     Keys mergekit ignores are set aside first; an error the recipe then has names them too, since
     a misspelt key (``merge_methd``) is the likely cause of a missing one."""
+    _refuse_moe_config(doc, origin)
     doc, ignored = set_aside(doc)
     try:
         return _parse(doc, text, origin, ignored)
